@@ -1,0 +1,167 @@
+"""The `smallgpt` command: one verb per job, each an importable, typed function.
+
+Verbs whose arguments are a dataclass get their flags from its fields (the field's `help` metadata is
+the help text). `train` takes a config file and nanoGPT-style `--key=value` overrides instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from smallgpt.errors import UserError
+
+
+def _parse_optional(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null", "off") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field (`--top-k`, also `--top_k`); `positional` fields become arguments."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, optional = hints[f.name], False
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind, optional = next(a for a in typing.get_args(kind) if a is not type(None)), True
+        meta = dict(f.metadata)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = meta.get("help", "")
+        if meta.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=default, help=help_text)
+            continue
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        if kind is bool:
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
+            continue
+        parse = _parse_optional(kind) if optional else kind
+        if kind is list or typing.get_origin(kind) is list:
+            parser.add_argument(*names, dest=f.name, action="append", default=None, help=help_text)
+            continue
+        parser.add_argument(
+            *names,
+            dest=f.name,
+            type=parse,
+            default=default,
+            required=bool(meta.get("required")),
+            help=f"{help_text} (default: {default!r})" if not meta.get("required") else help_text,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Verb:
+    """A verb whose arguments are the dataclass `args` and whose work is `function(args)`."""
+
+    module: str
+    args: str
+    function: str
+    help: str
+
+    def load(self) -> tuple[type, Callable[[Any], Any]]:
+        module = importlib.import_module(self.module)
+        return getattr(module, self.args), getattr(module, self.function)
+
+
+# the dispatch table: verb -> Verb, or a table of sub-verbs (e.g. `smallgpt classify train`)
+COMMANDS: dict[str, Verb | dict[str, Verb]] = {
+    "prepare": Verb(
+        "smallgpt.data.prepare",
+        "PrepareArgs",
+        "run_prepare",
+        "tokenize a corpus into a data folder (train.bin, val.bin, meta.json)",
+    ),
+    "sample": Verb("smallgpt.generate", "SampleArgs", "sample", "print samples from a trained run"),
+    "continue": Verb(
+        "smallgpt.generate",
+        "ContinueArgs",
+        "interactive_continue",
+        "interactive: type a beginning, the model continues it",
+    ),
+}
+TRAIN_HELP = "train a GPT from a YAML or nanoGPT-style .py config file and --key=value overrides"
+
+
+def train_command(args: list[str]) -> None:
+    """`smallgpt train [CONFIG] [--key=value ...]`: argparse would reject the free-form keys."""
+    from smallgpt.config import load_config
+    from smallgpt.train.run import train
+
+    path = args[0] if args and not args[0].startswith("--") else None
+    train(load_config(path, args[1:] if path is not None else args))
+
+
+def train_epilog() -> str:
+    from smallgpt.config import Config
+
+    lines = ["config keys (flat or section.key), with defaults:"]
+    for section, values in Config().to_dict().items():
+        lines.append(f"  {section}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+    return "\n".join(lines)
+
+
+def _add_verb(verbs: argparse._SubParsersAction, name: str, verb: Verb) -> None:
+    args_class, function = verb.load()
+    sub = verbs.add_parser(name, help=verb.help, description=verb.help)
+    add_dataclass_arguments(sub, args_class)
+
+    def handler(ns: argparse.Namespace) -> None:
+        function(args_class(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(args_class)}))
+
+    sub.set_defaults(_handler=handler)  # not `run`: verbs have a --run flag
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from smallgpt import __version__
+
+    parser = argparse.ArgumentParser(prog="smallgpt", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"smallgpt {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    train = verbs.add_parser(
+        "train",
+        help=TRAIN_HELP,
+        description=TRAIN_HELP,
+        epilog=train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", nargs="?", help="a YAML or .py config file")
+    for name, verb in COMMANDS.items():
+        if isinstance(verb, Verb):
+            _add_verb(verbs, name, verb)
+            continue
+        group = verbs.add_parser(name, help=f"{name}: " + ", ".join(verb))
+        sub_verbs = group.add_subparsers(dest="sub_verb", required=True, metavar="VERB")
+        for sub_name, sub_verb in verb.items():
+            _add_verb(sub_verbs, sub_name, sub_verb)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
+            train_command(argv[1:])
+        else:
+            ns = build_parser().parse_args(argv)
+            ns._handler(ns)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

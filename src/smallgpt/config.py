@@ -1,0 +1,281 @@
+"""Typed training configuration, filled from YAML or nanoGPT-style .py files and --key=value overrides.
+
+Keys are nanoGPT's where one exists, so a nanoGPT config file runs unchanged. Each key lives in one
+section (model, data, train, optim, log); files and overrides may name it flat (`n_layer`) or dotted
+(`model.n_layer`). An unknown key or a value of the wrong type is a UserError naming the close match.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smallgpt.errors import UserError
+from smallgpt.model.gpt import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""  # a prepared data folder, or a name under data/ (nanoGPT's `dataset`)
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    init_from: str = "scratch"  # scratch | resume
+    batch_size: int = 12  # sequences per micro-step
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 5000
+    max_seconds: float = 0.0  # stop after this much training time (0: no limit)
+    eval_interval: int = 250
+    eval_iters: int = 200
+    eval_only: bool = False
+    always_save_checkpoint: bool = True  # write ckpt/last at every eval, not only on improvement
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on capable GPUs, fp32 on CPU)
+    compile: bool = False
+    backend: str = "auto"  # distributed backend: auto | nccl | gloo
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adamw"
+    learning_rate: float = 6e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    decay_lr: bool = True
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000
+    min_lr: float = 6e-5
+
+
+@dataclass
+class LogConfig:
+    log_interval: int = 10
+    progress: bool = True  # a progress bar while training
+    wandb_log: bool = False
+    wandb_project: str = "smallgpt"
+    wandb_run_name: str = "run"
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        t, o = self.train, self.optim
+        positive = {
+            "batch_size": t.batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "eval_interval": t.eval_interval,
+            "eval_iters": t.eval_iters,
+            "log_interval": self.log.log_interval,
+            "block_size": self.model.block_size,
+            "n_layer": self.model.n_layer,
+            "n_head": self.model.n_head,
+            "n_embd": self.model.n_embd,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise UserError(f"config {key} must be positive, got {value}")
+        non_negative = {
+            "max_iters": t.max_iters,
+            "max_seconds": t.max_seconds,
+            "learning_rate": o.learning_rate,
+            "min_lr": o.min_lr,
+            "warmup_iters": o.warmup_iters,
+            "weight_decay": o.weight_decay,
+            "grad_clip": o.grad_clip,
+        }
+        for key, value in non_negative.items():
+            if value < 0:
+                raise UserError(f"config {key} must not be negative, got {value}")
+        if self.model.n_embd % self.model.n_head:
+            raise UserError(
+                f"config n_embd ({self.model.n_embd}) must be divisible by n_head ({self.model.n_head})"
+            )
+        if t.init_from not in ("scratch", "resume"):
+            raise UserError(f"config init_from must be scratch or resume, got {t.init_from!r}")
+        if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
+        if not self.data.dataset:
+            raise UserError("config dataset is not set: pass --dataset=DATA_DIR (made by smallgpt prepare)")
+
+
+SECTIONS = tuple(f.name for f in fields(Config))
+
+
+def _key_index() -> dict[str, tuple[str, str]]:
+    """Every accepted key -> (section, field): flat names and dotted section.field names."""
+    index: dict[str, tuple[str, str]] = {}
+    for section in fields(Config):
+        for f in fields(section.default_factory()):
+            assert f.name not in index, f"config key {f.name} is in two sections"
+            index[f.name] = (section.name, f.name)
+            index[f"{section.name}.{f.name}"] = (section.name, f.name)
+    return index
+
+
+KEYS = _key_index()
+
+
+def _unknown_key(key: str, where: str) -> UserError:
+    close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return UserError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _field_type(section: str, name: str) -> Any:
+    cls = type(getattr(Config(), section))
+    hints = typing.get_type_hints(cls)
+    return hints[name]
+
+
+def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
+    """Check or convert `value` to the field's type; strings from the command line are parsed."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        typ = options[0]
+    bad = UserError(f"config {key} in {where} must be {typ.__name__}, got {value!r}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if typ is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    return value
+
+
+def apply_values(config: Config, values: dict[str, Any], where: str) -> None:
+    """Set every key of `values` (flat, dotted, or nested by section) on `config`."""
+    for key, value in values.items():
+        if key in SECTIONS and isinstance(value, dict):
+            apply_values(config, {f"{key}.{k}": v for k, v in value.items()}, where)
+            continue
+        if key not in KEYS:
+            raise _unknown_key(key, where)
+        section, name = KEYS[key]
+        setattr(getattr(config, section), name, _coerce(value, _field_type(section, name), key, where))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Key/values of a YAML file or a nanoGPT-style Python file of assignments."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".py":
+        namespace: dict[str, Any] = {}
+        try:
+            exec(compile(text, str(path), "exec"), namespace)
+        except Exception as e:  # a user's config file: report where it broke, as one line
+            raise UserError(f"config file {path} failed to run: {type(e).__name__}: {e}") from None
+        return {
+            k: v
+            for k, v in namespace.items()
+            if not k.startswith("_") and not isinstance(v, types.ModuleType) and not callable(v)
+        }
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--key=value` (or `--key value`) pairs from the command line."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise UserError(f"expected --key=value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                if key.replace("-", "_") in KEYS and _is_bool_key(key.replace("-", "_")):
+                    value = "true"  # a bare boolean flag, e.g. --compile
+                else:
+                    raise UserError(f"option --{key} needs a value: --{key}=VALUE")
+            else:
+                i += 1
+                value = args[i]
+        overrides[key.replace("-", "_")] = value
+        i += 1
+    return overrides
+
+
+def _is_bool_key(key: str) -> bool:
+    section, name = KEYS[key]
+    return _field_type(section, name) is bool
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the config file, then command-line overrides; validated."""
+    config = Config()
+    if path is not None:
+        apply_values(config, read_config_file(path), str(path))
+    apply_values(config, parse_overrides(overrides or []), "the command line")
+    return config
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from smallgpt.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
+
+
+def config_from_dict(values: dict[str, Any], where: str) -> Config:
+    config = Config()
+    apply_values(config, values, where)
+    return config

@@ -1,0 +1,25 @@
+"""Data preparation: sources of text, tokenizers, and the prepared train/val token files."""
+
+from smallgpt.data.prepare import META_FORMAT_VERSION, PrepareArgs, load_meta, run_prepare
+from smallgpt.data.sources import Source, open_source
+from smallgpt.data.tokenizers import (
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_from_dict,
+)
+
+__all__ = [
+    "META_FORMAT_VERSION",
+    "PrepareArgs",
+    "Source",
+    "Tokenizer",
+    "build_tokenizer",
+    "load_meta",
+    "load_tokenizer",
+    "open_source",
+    "run_prepare",
+    "save_tokenizer",
+    "tokenizer_from_dict",
+]

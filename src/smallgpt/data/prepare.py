@@ -1,0 +1,274 @@
+"""`smallgpt prepare`: text -> train.bin / val.bin of token ids, plus meta.json and tokenizer.json.
+
+Three explicit stages, each streaming so memory stays bounded whatever the corpus size:
+  1. open the source (local files or a download),
+  2. scan it once: count documents and characters, and collect the vocabulary for "char",
+  3. tokenize batches of documents and append them to the split files, inside a temp folder
+     that replaces the output folder only when everything succeeded.
+Every document is followed by the end-of-text id, so training samples can see where texts end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from smallgpt.data.sources import Source, open_source
+from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, check_kind, save_tokenizer
+from smallgpt.errors import UserError
+from smallgpt.io import atomic_dir, atomic_write_json, resolve_dir
+
+META_FORMAT_VERSION = 1
+BATCH_CHARS = 8 << 20  # text tokenized per batch: big enough for threads, small enough for memory
+SPLITS = ("train", "val")
+
+
+@dataclass
+class PrepareArgs:
+    source: str | None = field(
+        default=None,
+        metadata={
+            "help": "tinyshakespeare, shakespeare, tinystories, tinystories-instruct, "
+            "or a .txt file / folder of .txt files",
+            "positional": True,
+        },
+    )
+    input: str | None = field(
+        default=None,
+        metadata={"help": "read the text from this .txt file or folder (e.g. a copy you downloaded)"},
+    )
+    tokenizer: str = field(default="char", metadata={"help": "char or gpt2"})
+    val_fraction: float = field(
+        default=0.1, metadata={"help": "share of documents held out for validation (0 to 0.5)"}
+    )
+    out: str | None = field(
+        default=None, metadata={"help": "output folder (default: data/<source>_<tokenizer>)"}
+    )
+    seed: int = field(default=1337, metadata={"help": "seed of the train/val document split"})
+
+
+@dataclass
+class Counts:
+    """What stage 2 learns about the corpus; stage 3 needs it to split and to show progress."""
+
+    documents: int = 0
+    characters: int = 0
+    bytes: int = 0  # UTF-8 bytes of the document text
+
+
+def run_prepare(args: PrepareArgs) -> dict[str, Any]:
+    """Prepare a dataset folder and return its meta (also written to meta.json)."""
+    if not 0 <= args.val_fraction <= 0.5:
+        raise UserError(f"--val-fraction must be between 0 and 0.5, not {args.val_fraction}")
+    check_kind(args.tokenizer)
+
+    source = open_source(args.source, args.input)
+    tok, counts = scan(source, args.tokenizer)
+    print(f"length of dataset in characters: {counts.characters:,}")
+    print(f"vocab size: {tok.vocab_size:,}")
+
+    out = Path(args.out or Path("data") / f"{source.name}_{args.tokenizer}")
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    with atomic_dir(out) as tmp:
+        stats = write_splits(source, tok, counts, args, dtype, tmp)
+        meta = _meta(source, tok, counts, stats, args, dtype)
+        save_tokenizer(tok, tmp / "tokenizer.json")
+        atomic_write_json(tmp / "meta.json", meta)
+
+    docs = meta["counts"]["documents"]
+    print(f"documents: train {docs['train']:,}, val {docs['val']:,}")
+    for split in SPLITS:
+        print(f"{split} has {meta['counts']['tokens'][split]:,} tokens")
+    print(f"wrote {out}/ (train.bin, val.bin, meta.json, tokenizer.json)")
+    return meta
+
+
+def scan(source: Source, kind: str) -> tuple[Tokenizer, Counts]:
+    """Stage 2: one pass that counts the corpus and, for "char", collects its characters."""
+    counts = Counts()
+
+    def texts() -> Iterator[str]:
+        with tqdm(total=source.total_bytes(), unit="B", unit_scale=True, desc="scan") as bar:
+            for text, ends in source.segments():
+                n = len(text.encode("utf-8"))
+                counts.documents += ends
+                counts.characters += len(text)
+                counts.bytes += n
+                bar.update(n)
+                yield text
+
+    stream = texts()
+    tok = build_tokenizer(kind, stream)
+    deque(stream, maxlen=0)  # finish counting when the tokenizer needed no text (gpt2)
+    return tok, counts
+
+
+def write_splits(
+    source: Source, tok: Tokenizer, counts: Counts, args: PrepareArgs, dtype: type, folder: Path
+) -> dict[str, dict[str, int]]:
+    """Stage 3: tokenize in batches and append each split's ids to <split>.bin."""
+    stats = {k: dict.fromkeys(SPLITS, 0) for k in ("documents", "tokens", "bytes")}
+    routed = _route(source.segments(), counts, args.val_fraction, args.seed)
+    files = {split: open(folder / f"{split}.bin", "wb") for split in SPLITS}
+    try:
+        with tqdm(total=counts.bytes, unit="B", unit_scale=True, desc="tokenize") as bar:
+            for batch in _batches(routed, BATCH_CHARS):
+                _write_batch(batch, tok, dtype, files, stats)
+                bar.update(sum(n for _, _, _, n in batch))
+    finally:
+        for f in files.values():
+            f.close()
+    return stats
+
+
+def _route(
+    segments: Iterable[tuple[str, bool]], counts: Counts, val_fraction: float, seed: int
+) -> Iterator[tuple[str, bool, str]]:
+    """(text, ends_document, split) for every segment."""
+    if counts.documents == 1 and val_fraction > 0:
+        return _route_by_position(segments, counts.characters, val_fraction)
+    return _route_by_document(segments, counts.documents, val_fraction, seed)
+
+
+def _route_by_document(
+    segments: Iterable[tuple[str, bool]], n_docs: int, val_fraction: float, seed: int
+) -> Iterator[tuple[str, bool, str]]:
+    """Each document goes to val with probability val_fraction, drawn in document order.
+
+    Both splits get at least one document: if one is still empty when the last document comes,
+    the last document goes there.
+    """
+    rng = random.Random(seed)
+    seen = dict.fromkeys(SPLITS, 0)
+    index, split = 0, None
+    for text, ends in segments:
+        if split is None:
+            split = "val" if rng.random() < val_fraction else "train"
+            if index == n_docs - 1 and val_fraction > 0 and not seen["val"]:
+                split = "val"
+            elif index == n_docs - 1 and not seen["train"]:
+                split = "train"
+        yield text, ends, split
+        if ends:
+            seen[split] += 1
+            index, split = index + 1, None
+
+
+def _route_by_position(
+    segments: Iterable[tuple[str, bool]], characters: int, val_fraction: float
+) -> Iterator[tuple[str, bool, str]]:
+    """A single document (like tiny shakespeare) is split like nanoGPT does: the first
+    (1 - val_fraction) of its characters, up to the end of that line, train; the rest val."""
+    target = int(characters * (1 - val_fraction))
+    print(
+        f"the source is one document: train gets its first {1 - val_fraction:.0%} of "
+        "characters (to the end of that line), val the rest"
+    )
+    pos, split = 0, "train"
+    for text, ends in segments:
+        if split == "train" and pos + len(text) > target:
+            cut = _line_end(text, target - pos, ends)
+            yield text[:cut], True, "train"
+            pos, text, split = pos + cut, text[cut:], "val"
+        pos += len(text)
+        yield text, ends, split
+
+
+def _line_end(text: str, i: int, last: bool) -> int:
+    """Cut just after the first newline at or after `i`; at `i` itself if that leaves val empty."""
+    j = text.find("\n", i)
+    cut = j + 1 if j >= 0 else i
+    return i if last and cut == len(text) else cut
+
+
+def _batches(
+    routed: Iterable[tuple[str, bool, str]], max_chars: int
+) -> Iterator[list[tuple[str, bool, str, int]]]:
+    """Groups of about `max_chars` characters of segments, each with its UTF-8 byte count."""
+    batch, size = [], 0
+    for text, ends, split in routed:
+        batch.append((text, ends, split, len(text.encode("utf-8"))))
+        size += len(text)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _write_batch(
+    batch: list[tuple[str, bool, str, int]],
+    tok: Tokenizer,
+    dtype: type,
+    files: dict[str, BinaryIO],
+    stats: dict[str, dict[str, int]],
+) -> None:
+    ids = tok.encode_batch_to_arrays([text for text, _, _, _ in batch])
+    eot = np.array([tok.eot_id], dtype=dtype)
+    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+    for arr, (_, ends, split, n_bytes) in zip(ids, batch, strict=True):
+        parts[split].append(arr.astype(dtype, copy=False))
+        if ends:
+            parts[split].append(eot)
+            stats["documents"][split] += 1
+        stats["bytes"][split] += n_bytes
+    for split, arrays in parts.items():
+        if arrays:
+            data = np.concatenate(arrays)
+            data.tofile(files[split])
+            stats["tokens"][split] += len(data)
+
+
+def _meta(
+    source: Source,
+    tok: Tokenizer,
+    counts: Counts,
+    stats: dict[str, dict[str, int]],
+    args: PrepareArgs,
+    dtype: type,
+) -> dict[str, Any]:
+    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in source.files]
+    return {
+        "format_version": META_FORMAT_VERSION,
+        "source": source.name,
+        "inputs": inputs,
+        "tokenizer": {"kind": tok.kind, "fingerprint": tok.fingerprint()},
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "dtype": np.dtype(dtype).name,
+        "val_fraction": args.val_fraction,
+        "seed": args.seed,
+        "counts": {"characters": counts.characters, **stats},
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_meta(data_dir: str | Path) -> dict[str, Any]:
+    """meta.json of a prepared dataset folder (UserError if it is not one)."""
+    path = resolve_dir(data_dir) / "meta.json"
+    hint = "run `smallgpt prepare` to create it"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{data_dir} is not a prepared dataset (no meta.json); {hint}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); {hint} again") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != META_FORMAT_VERSION:
+        raise UserError(f"{path} is not a format-{META_FORMAT_VERSION} dataset description; {hint} again")
+    return meta

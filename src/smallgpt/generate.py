@@ -1,0 +1,197 @@
+"""`smallgpt sample` and `smallgpt continue`: text from a trained run, streamed as it is made."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
+from smallgpt.errors import UserError
+from smallgpt.model.gpt import GPT
+from smallgpt.train import checkpoint
+from smallgpt.train.distributed import resolve_device
+
+
+def load_run(run_dir: str | Path, device: torch.device, which: str = "best") -> tuple[GPT, Tokenizer]:
+    """The model of a run's checkpoint and the tokenizer it was trained with."""
+    ckpt = checkpoint.find_checkpoint(run_dir, which)
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    trained_with = checkpoint.read_tags(ckpt).get("tokenizer_fingerprint")
+    if trained_with is not None and trained_with != tokenizer.fingerprint():
+        raise UserError(f"{run_dir}/tokenizer.json is not the tokenizer checkpoint {ckpt} was trained with")
+    model = checkpoint.load_model(ckpt, device)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"checkpoint {ckpt} has fewer token ids than {run_dir}/tokenizer.json")
+    return model, tokenizer
+
+
+class StreamDecoder:
+    """Turns token ids into text pieces; holds back ids that end inside a multi-byte character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token_id: int) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 8:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = field(default=500, metadata={"help": "tokens to generate per sample"})
+    temperature: float = field(
+        default=0.8,
+        metadata={"help": "1.0 = the model's distribution, lower = more conservative, 0 = greedy"},
+    )
+    top_k: int | None = field(
+        default=200, metadata={"help": "keep only the k most likely tokens (none: off)"}
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "nucleus sampling: keep the smallest set with this total probability"},
+    )
+    seed: int = field(default=1337, metadata={"help": "random seed, for reproducible samples"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    checkpoint: str = field(default="best", metadata={"help": "which checkpoint of the run: best | last"})
+    kv_cache: bool = field(
+        default=True,
+        metadata={"help": "reuse past keys/values (faster; --no-kv-cache to turn off)"},
+    )
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must not be negative, got {self.temperature}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise UserError(f"top-k must be positive, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.checkpoint not in ("best", "last"):
+            raise UserError(f"checkpoint must be best or last, got {self.checkpoint!r}")
+
+
+@dataclass
+class SampleArgs(SamplingOptions):
+    run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
+    start: str = field(
+        default="\n", metadata={"help": "text to start from, or FILE:path to read it from a file"}
+    )
+    num_samples: int = field(default=10, metadata={"help": "how many samples to print"})
+
+
+class Generator:
+    """A loaded run that continues text, token by token."""
+
+    def __init__(self, run: str, options: SamplingOptions):
+        options.validate()
+        self.options = options
+        self.device = resolve_device(options.device)
+        self.model, self.tokenizer = load_run(run, self.device, options.checkpoint)
+        self.rng = torch.Generator(device=self.device).manual_seed(options.seed)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        return ids or [self.tokenizer.eot_id]  # an empty start means "a new document"
+
+    def stream(self, ids: Sequence[int], stop_ids: tuple[int, ...] | None = None) -> Iterator[int]:
+        """Yield new token ids after `ids`, stopping at end-of-text (or the given stop ids)."""
+        o = self.options
+        idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        for token in self.model.generate_stream(
+            idx,
+            o.max_new_tokens,
+            temperature=o.temperature,
+            top_k=o.top_k,
+            top_p=o.top_p,
+            stop_ids=(self.tokenizer.eot_id,) if stop_ids is None else stop_ids,
+            generator=self.rng,
+            use_cache=o.kv_cache,
+        ):
+            yield int(token[0])  # generate_stream ends right after a stop id
+
+    def write_stream(self, ids: Sequence[int], out: TextIO) -> list[int]:
+        """Stream a continuation of `ids` to `out`; returns the new ids (end-of-text excluded)."""
+        decoder, new = StreamDecoder(self.tokenizer), []
+        for token_id in self.stream(ids):
+            if token_id == self.tokenizer.eot_id:
+                break
+            new.append(token_id)
+            out.write(decoder.push(token_id))
+            out.flush()
+        out.write(decoder.flush())
+        return new
+
+
+def read_start(start: str) -> str:
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:") :])
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"start file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise UserError(f"start file {path} is not valid UTF-8 text") from None
+
+
+def sample(args: SampleArgs, out: TextIO = sys.stdout) -> None:
+    """Print num_samples continuations of the start text, like nanoGPT's sample.py."""
+    if args.num_samples <= 0:
+        raise UserError(f"num-samples must be positive, got {args.num_samples}")
+    gen = Generator(args.run, args)
+    start = read_start(args.start)
+    ids = gen.encode_prompt(start)
+    for _ in range(args.num_samples):
+        out.write(start)
+        gen.write_stream(ids, out)
+        out.write("\n---------------\n")
+        out.flush()
+
+
+@dataclass
+class ContinueArgs(SamplingOptions):
+    run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
+    max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate per continuation"})
+
+
+def interactive_continue(
+    args: ContinueArgs, read: Callable[[str], str] = input, out: TextIO = sys.stdout
+) -> None:
+    """Type a beginning; the model continues it; then [c]ontinue, [n]ew start or [q]uit."""
+    gen = Generator(args.run, args)
+    out.write("Type the beginning of a text (empty line: a new document). Ctrl-D quits.\n")
+    try:
+        while True:
+            start = read("start> ")
+            try:
+                context = gen.encode_prompt(start)
+            except UserError as e:  # e.g. a character the model never saw: say so, ask again
+                out.write(f"error: {e}\n")
+                continue
+            out.write(start)
+            while True:
+                context += gen.write_stream(context, out)
+                out.write("\n")
+                choice = read("[c]ontinue, [n]ew start, [q]uit? ").strip().lower()
+                if choice.startswith("q"):
+                    return
+                if choice.startswith("n"):
+                    break
+    except (EOFError, KeyboardInterrupt):
+        out.write("\n")

@@ -1,0 +1,125 @@
+"""Checkpoints: weights in safetensors, training state in a weights_only-loadable torch file.
+
+A checkpoint is a folder (`ckpt/last`, `ckpt/best`) written whole through `atomic_dir`, so a kill
+at any moment leaves the previous checkpoint usable. Nothing here unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from smallgpt.errors import UserError
+from smallgpt.io import atomic_dir, resolve_dir
+from smallgpt.model.gpt import GPT, ModelConfig
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight; stored once
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP/FSDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = unwrap(model).state_dict()
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if k != TIED}
+
+
+def save_checkpoint(
+    ckpt_dir: str | Path,
+    model: nn.Module,
+    model_config: ModelConfig,
+    state: dict[str, Any],
+    tags: dict[str, str] | None = None,
+) -> None:
+    """Write model weights and `state` (optimizer, RNG, counters: tensors and plain values only).
+
+    `tags` (e.g. the tokenizer fingerprint) go into the safetensors header, readable without the state.
+    """
+    metadata = {"format": "pt", "model_config": json.dumps(vars(model_config)), **(tags or {})}
+    with atomic_dir(ckpt_dir) as tmp:
+        save_file(model_weights(model), tmp / WEIGHTS, metadata)
+        torch.save(state, tmp / STATE)
+
+
+def _checkpoint_dir(ckpt_dir: str | Path) -> Path:
+    path = resolve_dir(ckpt_dir)
+    if not (path / WEIGHTS).is_file():
+        raise UserError(f"no checkpoint at {ckpt_dir}: train first (smallgpt train) or pick another run")
+    return path
+
+
+def read_tags(ckpt_dir: str | Path) -> dict[str, str]:
+    """The safetensors header metadata: model_config (JSON) and the tags given to save_checkpoint."""
+    path = _checkpoint_dir(ckpt_dir) / WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tags = f.metadata() or {}
+        json.loads(tags["model_config"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise UserError(f"checkpoint {path} is truncated or corrupted ({e})") from None
+    return tags
+
+
+def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
+    return ModelConfig(**json.loads(read_tags(ckpt_dir)["model_config"]))
+
+
+def load_weights(ckpt_dir: str | Path, model: nn.Module) -> None:
+    path = _checkpoint_dir(ckpt_dir) / WEIGHTS
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"checkpoint {path} is truncated or corrupted ({e})") from None
+    target = unwrap(model)
+    missing, unexpected = target.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != TIED]
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+
+
+def load_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    path = _checkpoint_dir(ckpt_dir) / STATE
+    if not path.is_file():
+        raise UserError(f"checkpoint {path.parent} has no {STATE}: it cannot be resumed")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file; all mean the same here
+        raise UserError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__})") from None
+
+
+def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GPT:
+    """A GPT with the checkpoint's architecture and weights, in eval mode."""
+    model = GPT(read_model_config(ckpt_dir))
+    load_weights(ckpt_dir, model)
+    return model.to(device).eval()
+
+
+def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
+    """`ckpt/best` (or `last`) of a run, falling back to the other one; UserError if neither exists."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    order = [which, "last" if which == "best" else "best"]
+    for name in order:
+        path = resolve_dir(run_dir / "ckpt" / name)
+        if (path / WEIGHTS).is_file():
+            return path
+    raise UserError(f"run {run_dir} has no checkpoint yet (ckpt/last or ckpt/best): train it first")

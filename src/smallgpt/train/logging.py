@@ -1,0 +1,78 @@
+"""Where training metrics go: the console, `metrics.jsonl`, and TensorBoard / wandb when asked for."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from smallgpt.config import Config
+from smallgpt.errors import UserError
+
+
+def _need(package: str, extra: str) -> Any:
+    try:
+        return __import__(package)
+    except ImportError:
+        raise UserError(f"{package} is not installed: pip install {package} (or smallgpt[{extra}])") from None
+
+
+class MetricsLogger:
+    """Appends one JSON object per event to metrics.jsonl and forwards scalars to the backends."""
+
+    def __init__(self, run_dir: str | Path, config: Config, resume: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a" if resume else "w", encoding="utf-8")
+        self._tensorboard = None
+        self._wandb = None
+        if config.log.tensorboard:
+            _need("tensorboard", "tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if config.log.wandb_log:
+            wandb = _need("wandb", "wandb")
+            # WANDB_MODE=offline works with no network; wandb sync uploads later
+            wandb.init(
+                project=config.log.wandb_project,
+                name=config.log.wandb_run_name,
+                config=config.to_dict(),
+                dir=str(run_dir),
+                resume="allow" if resume else None,
+            )
+            self._wandb = wandb
+
+    def log(self, event: str, **values: Any) -> None:
+        record = {"event": event, "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        step = values.get("iter", 0)
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "iter"}
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(f"{event}/{key}", value, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{event}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: is {run_dir} a smallgpt run folder?")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {n} is not valid JSON") from None
+    return records

@@ -1,0 +1,139 @@
+"""`smallgpt train`: wire a prepared dataset, a GPT, an optimizer and the Trainer together."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from smallgpt.config import Config, save_config
+from smallgpt.data.loader import BatchSampler, open_mask, open_split
+from smallgpt.data.prepare import load_meta
+from smallgpt.data.tokenizers import load_tokenizer
+from smallgpt.errors import UserError
+from smallgpt.io import atomic_write_bytes, atomic_write_json, resolve_dir
+from smallgpt.model.gpt import GPT, ModelConfig
+from smallgpt.train import checkpoint
+from smallgpt.train.distributed import DistInfo, init_distributed, shutdown_distributed
+from smallgpt.train.optim import build_optimizer
+from smallgpt.train.trainer import Trainer
+
+EVAL_SEED_OFFSET = 10_000  # eval samplers draw from their own seeds, apart from training's
+
+
+def resolve_dataset(dataset: str) -> Path:
+    """A prepared data folder: the path itself, or nanoGPT's `data/<name>`."""
+    for candidate in (Path(dataset), Path("data") / dataset):
+        if (candidate / "meta.json").is_file():
+            return candidate
+    raise UserError(
+        f"dataset {dataset!r} not found (no meta.json there or in data/{dataset}): run smallgpt prepare"
+    )
+
+
+def fit_vocab(model: ModelConfig, vocab_size: int, data_dir: Path) -> None:
+    """Take the vocabulary size from the data unless the config pads it larger (e.g. 50304)."""
+    if model.vocab_size == 0:
+        model.vocab_size = vocab_size
+    elif model.vocab_size < vocab_size:
+        raise UserError(
+            f"config vocab_size {model.vocab_size} is smaller than the tokenizer's {vocab_size} in {data_dir}"
+        )
+
+
+def samplers(config: Config, data_dir: Path, meta: dict, info: DistInfo):
+    """The training sampler and factories for fixed-seed evaluation samplers, per split."""
+    t, block = config.train, config.model.block_size
+
+    def sampler(split: str, seed: int) -> BatchSampler:
+        tokens = open_split(data_dir, split, meta["dtype"])
+        mask = open_mask(data_dir, split, len(tokens))
+        name = str(data_dir / f"{split}.bin")
+        return BatchSampler(
+            tokens, block, t.batch_size, seed, info.device, mask, name, info.rank, info.world_size
+        )
+
+    train_source = sampler("train", t.seed)
+    for split in ("train", "val"):  # fail now, not at the first evaluation
+        sampler(split, 0)
+    eval_sources = {
+        split: (lambda split=split: sampler(split, t.seed + EVAL_SEED_OFFSET)) for split in ("train", "val")
+    }
+    return train_source, eval_sources
+
+
+def bytes_per_token(meta: dict) -> dict[str, float]:
+    counts = meta.get("counts", {})
+    tokens, text_bytes = counts.get("tokens", {}), counts.get("bytes", {})
+    return {s: text_bytes[s] / tokens[s] for s in ("train", "val") if tokens.get(s) and text_bytes.get(s)}
+
+
+def resume_checkpoint(config: Config, run_dir: Path, fingerprint: str) -> Path | None:
+    """The checkpoint to resume from, with the model shape it was trained with."""
+    if config.train.init_from != "resume":
+        return None
+    ckpt = resolve_dir(run_dir / "ckpt" / "last")
+    if not (ckpt / checkpoint.WEIGHTS).is_file():
+        raise UserError(f"init_from=resume but {run_dir} has no ckpt/last to resume from")
+    state = checkpoint.load_state(ckpt)
+    if state.get("tokenizer_fingerprint") != fingerprint:
+        raise UserError(
+            f"checkpoint {ckpt} was trained with a different tokenizer than dataset {config.data.dataset}"
+        )
+    config.model = checkpoint.read_model_config(ckpt)  # the architecture is the checkpoint's
+    return ckpt
+
+
+def train(config: Config) -> dict[str, float]:
+    """Train per `config`; returns the final evaluation metrics."""
+    config.validate()
+    info = init_distributed(config.train.device, config.train.backend)
+    try:
+        return _train(config, info)
+    finally:
+        shutdown_distributed(info)
+
+
+def _train(config: Config, info: DistInfo) -> dict[str, float]:
+    data_dir = resolve_dataset(config.data.dataset)
+    meta = load_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+    if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
+        raise UserError(f"{data_dir}/tokenizer.json does not match its meta.json: prepare the data again")
+    run_dir = Path(config.train.out_dir)
+    ckpt = resume_checkpoint(config, run_dir, tokenizer.fingerprint())
+    fit_vocab(config.model, tokenizer.vocab_size, data_dir)
+    torch.manual_seed(config.train.seed + info.rank)
+    model = GPT(config.model).to(info.device)
+    optimizer = build_optimizer(model, config.optim, info.device.type)
+    train_source, eval_sources = samplers(config, data_dir, meta, info)
+    trainer = Trainer(
+        config,
+        model,
+        optimizer,
+        train_source,
+        eval_sources,
+        run_dir,
+        info,
+        checkpoint_info={
+            "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "dataset": str(data_dir),
+        },
+        bytes_per_token=bytes_per_token(meta),
+    )
+    if ckpt is not None:
+        trainer.resume(ckpt)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+        atomic_write_bytes(run_dir / "tokenizer.json", (data_dir / "tokenizer.json").read_bytes())
+        atomic_write_json(run_dir / "data_meta.json", meta)
+        print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
+        print(
+            f"tokens per iteration: {trainer.tokens_per_iter:,} "
+            f"({config.train.batch_size} x {config.model.block_size} x "
+            f"{config.train.gradient_accumulation_steps} accumulation); device {info.device}"
+        )
+        if ckpt is not None:
+            print(f"resuming from {ckpt} at iteration {trainer.iter_num}")
+    return trainer.fit()

@@ -1,0 +1,303 @@
+"""The training loop, shared by pretraining, chat and classifier fine-tuning.
+
+Step order, as in nanoGPT: set lr -> (eval, checkpoint) -> micro-steps (gradient sync only on the
+last) -> clip -> optimizer step -> zero grads -> log. Everything that decides which batch comes next
+(iteration, sampler and RNG states) goes into the checkpoint, so `init_from=resume` continues a run
+exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from smallgpt.config import Config
+from smallgpt.data.loader import Batch
+from smallgpt.errors import UserError
+from smallgpt.train import checkpoint
+from smallgpt.train.distributed import DistInfo
+from smallgpt.train.logging import MetricsLogger
+from smallgpt.train.schedule import lr_at
+
+# dense bf16 peak FLOP/s of GPUs we can name; MFU is reported only for these
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+class BatchSource(Protocol):
+    def next_batch(self) -> Batch: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    x, y, mask = batch
+    return model(x, y, loss_mask=mask)[1]
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+@dataclass
+class Trainer:
+    config: Config
+    model: nn.Module  # the plain model; the trainer wraps it (compile, DDP) itself
+    optimizer: torch.optim.Optimizer
+    train_source: BatchSource
+    eval_sources: dict[str, Callable[[], BatchSource]]  # a fresh, fixed-seed sampler per split
+    run_dir: Path
+    dist: DistInfo
+    loss_fn: LossFn = lm_loss
+    checkpoint_info: dict[str, Any] = field(default_factory=dict)  # saved with every checkpoint
+    bytes_per_token: dict[str, float] = field(default_factory=dict)  # for bits-per-byte metrics
+    monitor: str = "val_loss"  # the metric that picks ckpt/best (lower is better)
+    iter_num: int = 0
+    best_metric: float = math.inf
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        t = self.config.train
+        self.device = self.dist.device
+        self.dtype = autocast_dtype(t.dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        if self.dtype == torch.float32:
+            self.autocast = contextlib.nullcontext
+        else:
+            self.autocast = lambda: torch.autocast(self.device.type, dtype=self.dtype)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.wrapped = self.model
+        if t.compile:
+            self.wrapped = torch.compile(self.wrapped)
+        if self.dist.ddp:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(self.wrapped, device_ids=device_ids)
+        # the global batch is the same whatever the process count: ranks split the micro-steps
+        if t.gradient_accumulation_steps % self.dist.world_size:
+            raise UserError(
+                f"gradient_accumulation_steps ({t.gradient_accumulation_steps}) must be divisible by "
+                f"the number of processes ({self.dist.world_size})"
+            )
+        self.accum_steps = t.gradient_accumulation_steps // self.dist.world_size
+        self.tokens_per_iter = t.batch_size * self.config.model.block_size * t.gradient_accumulation_steps
+        self.peak_flops = peak_flops(self.device)
+        self.resumed = False
+
+    # ---- state -------------------------------------------------------------------------------
+    def _rng_state(self) -> dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "sampler": self.train_source.state_dict(),
+        }
+
+    def _all_ranks(self, value: Any) -> list[Any]:
+        if not self.dist.ddp:
+            return [value]
+        gathered: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def save(self, name: str) -> None:
+        rng = self._all_ranks(self._rng_state())  # every rank's RNG, so all of them resume exactly
+        if not self.dist.is_main:
+            return
+        state = {
+            "iter_num": self.iter_num,
+            "best_metric": self.best_metric,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "config": self.config.to_dict(),
+            **self.checkpoint_info,
+        }
+        tags = {k: v for k, v in self.checkpoint_info.items() if isinstance(v, str)}
+        checkpoint.save_checkpoint(self.run_dir / "ckpt" / name, self.model, self.config.model, state, tags)
+
+    def resume(self, ckpt_dir: Path) -> dict[str, Any]:
+        """Load weights and the full training state from a checkpoint written by `save`."""
+        state = checkpoint.load_state(ckpt_dir)
+        checkpoint.load_weights(ckpt_dir, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iter_num, self.best_metric = state["iter_num"], state["best_metric"]
+        self.tokens_seen, self.train_seconds = state["tokens_seen"], state["train_seconds"]
+        ranks = state["rng"]
+        if len(ranks) != self.dist.world_size:
+            raise UserError(
+                f"checkpoint {ckpt_dir} was written by {len(ranks)} processes; resume it with as many"
+            )
+        rng = ranks[self.dist.rank]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.train_source.load_state_dict(rng["sampler"])
+        self.resumed = True
+        return state
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches of each split (and bits per byte)."""
+        self.model.eval()
+        results: dict[str, float] = {}
+        for split, make_source in self.eval_sources.items():
+            source = make_source()
+            losses = torch.zeros(self.config.train.eval_iters, device=self.device)
+            for k in range(self.config.train.eval_iters):
+                with self.autocast():
+                    losses[k] = self.loss_fn(self.model, source.next_batch()).float()
+            loss = losses.mean()
+            if self.dist.ddp:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            results[f"{split}_loss"] = loss.item()
+            if split in self.bytes_per_token:
+                results[f"{split}_bpb"] = loss.item() / math.log(2) / self.bytes_per_token[split]
+        self.model.train()
+        return results
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss."""
+        steps = self.accum_steps
+        total = torch.zeros((), device=self.device)
+        for micro in range(steps):
+            batch = self.train_source.next_batch()
+            if self.dist.ddp:  # all-reduce gradients only once, on the last micro-step's backward
+                self.wrapped.require_backward_grad_sync = micro == steps - 1
+            with self.autocast():
+                loss = self.loss_fn(self.wrapped, batch) / steps
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if self.config.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _done(self) -> bool:
+        t = self.config.train
+        out_of_time = t.max_seconds > 0 and self.train_seconds >= t.max_seconds
+        return self.iter_num >= t.max_iters or out_of_time
+
+    def _eval_and_save(self, logger: MetricsLogger | None, log: Callable[[str], None]) -> dict:
+        """Evaluate, log, and write ckpt/best on improvement and ckpt/last; returns the metrics."""
+        metrics = self.evaluate()
+        improved = metrics.get(self.monitor, math.inf) < self.best_metric
+        if improved:
+            self.best_metric = metrics[self.monitor]
+        line = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        log(f"step {self.iter_num}: {line}")
+        if logger is not None:
+            logger.log("eval", iter=self.iter_num, tokens=self.tokens_seen, **metrics)
+        if self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
+            if improved:
+                self.save("best")
+            if improved or self.config.train.always_save_checkpoint or self._done():
+                self.save("last")
+        return metrics
+
+    def fit(self) -> dict[str, float]:
+        """Train until max_iters (or max_seconds); returns the last evaluation's metrics."""
+        t, main = self.config.train, self.dist.is_main
+        logger = MetricsLogger(self.run_dir, self.config, resume=self.resumed) if main else None
+        bar = tqdm(
+            total=t.max_iters,
+            initial=self.iter_num,
+            disable=not (main and self.config.log.progress) or None,
+            unit="it",
+            dynamic_ncols=True,
+        )
+        log = bar.write if main else (lambda _line: None)
+        if t.eval_only:
+            metrics = self.evaluate()
+            log(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            return metrics
+        first, metrics = True, {}
+        self.model.train()
+        window_start, window_iters = time.perf_counter(), 0  # ms/iter averages over a log window
+        try:
+            while True:
+                self.set_lr(lr_at(self.iter_num, self.config.optim))
+                at_eval = self.iter_num % t.eval_interval == 0 or self._done()
+                if at_eval and not (first and self.resumed):
+                    metrics = self._eval_and_save(logger, log)
+                    window_start, window_iters = time.perf_counter(), 0  # eval time is not training
+                if self._done():
+                    break
+                first = False
+                step_start = time.perf_counter()
+                loss = self.train_step()
+                self.train_seconds += time.perf_counter() - step_start
+                self.tokens_seen += self.tokens_per_iter
+                self.iter_num += 1
+                window_iters += 1
+                bar.update(1)
+                if (self.iter_num - 1) % self.config.log.log_interval == 0:
+                    loss_value = loss.item()  # waits for the GPU, so only when logging
+                    seconds = (time.perf_counter() - window_start) / window_iters
+                    self._log_step(logger, log, loss_value, seconds)
+                    window_start, window_iters = time.perf_counter(), 0
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+        return metrics
+
+    def _log_step(self, logger, log, loss: float, elapsed: float) -> None:
+        tokens_per_sec = self.tokens_per_iter / elapsed
+        mfu = None
+        if self.peak_flops:
+            flops = checkpoint.unwrap(self.model).flops_per_token() * tokens_per_sec
+            mfu = flops / (self.peak_flops * self.dist.world_size)
+        lr = self.optimizer.param_groups[0]["lr"]
+        mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        log(
+            f"iter {self.iter_num - 1}: loss {loss:.4f}, lr {lr:.2e}, {1000 * elapsed:.1f} ms, "
+            f"{tokens_per_sec:,.0f} tok/s{mfu_text}"
+        )
+        if logger is not None:
+            logger.log(
+                "train",
+                iter=self.iter_num - 1,
+                tokens=self.tokens_seen,
+                loss=loss,
+                lr=lr,
+                ms_per_iter=1000 * elapsed,
+                tokens_per_sec=tokens_per_sec,
+                mfu=mfu,
+            )

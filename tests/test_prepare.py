@@ -1,0 +1,189 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smallgpt.data import prepare
+from smallgpt.data.prepare import PrepareArgs, load_meta, run_prepare
+from smallgpt.data.tokenizers import CharTokenizer, load_tokenizer
+from smallgpt.errors import UserError
+
+
+def read_split(out: Path, split: str) -> np.ndarray:
+    meta = load_meta(out)
+    return np.fromfile(out / f"{split}.bin", dtype=meta["dtype"])
+
+
+@pytest.fixture(scope="module")
+def shakespeare_char(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "tinyshakespeare_char"
+    path = shared_data / "tinyshakespeare" / "input.txt"
+    meta = run_prepare(PrepareArgs(input=str(path), out=str(out)))
+    return out, meta, path.read_text(encoding="utf-8")
+
+
+def test_tinyshakespeare_char_counts(shakespeare_char, capsys):
+    out, meta, text = shakespeare_char
+    counts = meta["counts"]
+    assert meta["source"] == "tinyshakespeare" and meta["vocab_size"] == 67
+    assert meta["dtype"] == "uint16" and meta["eot_id"] == 0
+    assert counts["characters"] == 1_115_394
+    assert counts["documents"] == {"train": 1, "val": 1}  # one document, split by position
+    docs = sum(counts["documents"].values())
+    assert sum(counts["tokens"].values()) == counts["characters"] + docs
+    assert sum(counts["bytes"].values()) == 1_115_394
+    assert meta["inputs"][0]["sha256"] == "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+    assert json.loads((out / "meta.json").read_text(encoding="utf-8")) == meta
+
+
+def test_tinyshakespeare_split_matches_nanogpt_position(shakespeare_char):
+    out, meta, text = shakespeare_char
+    tok = load_tokenizer(out)
+    assert tok.fingerprint() == meta["tokenizer"]["fingerprint"]
+    train, val = read_split(out, "train"), read_split(out, "val")
+    assert tok.decode(train[:1000].tolist()) == text[:1000]
+    assert train[-1] == val[-1] == tok.eot_id
+    train_text, val_text = tok.decode(train[:-1].tolist()), tok.decode(val[:-1].tolist())
+    assert train_text + val_text == text
+    assert train_text.endswith("\n") and len(train_text) - int(len(text) * 0.9) < 100
+
+
+def test_tinystories_gpt2(shared_data, tmp_path):
+    path = shared_data / "tinystories" / "tinystories_valid_prefix_eot.txt"
+    meta = run_prepare(PrepareArgs(input=str(path), tokenizer="gpt2", out=str(tmp_path / "ts")))
+    docs = meta["counts"]["documents"]
+    assert docs["train"] + docs["val"] == 1000 and 50 < docs["val"] < 150
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 50257 and meta["eot_id"] == 50256
+    train = read_split(tmp_path / "ts", "train")
+    assert (train == 50256).sum() == docs["train"] and train[-1] == 50256
+    tok = load_tokenizer(tmp_path / "ts")
+    first = tok.decode(train[: int(np.argmax(train == 50256))].tolist())
+    assert first.startswith("Spot. Spot saw the shiny car") and "<|endoftext|>" not in first
+
+
+def test_xiyouji_char(shared_data, tmp_path):
+    path = shared_data / "chinese_novel" / "xiyouji.txt"
+    meta = run_prepare(PrepareArgs(input=str(path), out=str(tmp_path / "xyj")))
+    tok = load_tokenizer(tmp_path / "xyj")
+    assert isinstance(tok, CharTokenizer) and "\ufeff" not in tok.chars and "悟" in tok.chars
+    assert 3000 < meta["vocab_size"] < 65536 and meta["dtype"] == "uint16"
+    assert meta["counts"]["characters"] == len(path.read_text(encoding="utf-8-sig"))
+    train = read_split(tmp_path / "xyj", "train")
+    assert tok.decode(train[:50].tolist()) == path.read_text(encoding="utf-8-sig")[:50]
+
+
+def make_folder(root: Path, n: int) -> Path:
+    for i in range(n):
+        sub = root / f"part{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{i:03}.txt").write_text(f"Document number {i}.\nIt has two lines.\n", encoding="utf-8")
+    return root
+
+
+def test_folder_split_is_seeded_and_by_document(tmp_path):
+    folder = make_folder(tmp_path / "docs", 40)
+    metas = [
+        run_prepare(PrepareArgs(source=str(folder), out=str(tmp_path / f"o{k}"), seed=seed))
+        for k, seed in enumerate((7, 7, 8))
+    ]
+    assert metas[0]["source"] == "docs" and len(metas[0]["inputs"]) == 40
+    docs = metas[0]["counts"]["documents"]
+    assert docs["train"] + docs["val"] == 40 and docs["val"] > 0
+    same = [(tmp_path / o / "val.bin").read_bytes() for o in ("o0", "o1", "o2")]
+    assert same[0] == same[1] and same[0] != same[2]
+
+
+def test_val_never_empty_and_zero_fraction(tmp_path):
+    folder = make_folder(tmp_path / "two", 2)
+    meta = run_prepare(PrepareArgs(input=str(folder), val_fraction=0.001, out=str(tmp_path / "a")))
+    assert meta["counts"]["documents"] == {"train": 1, "val": 1}
+    meta = run_prepare(PrepareArgs(input=str(folder), val_fraction=0.0, out=str(tmp_path / "b")))
+    assert meta["counts"]["documents"] == {"train": 2, "val": 0}
+    assert (tmp_path / "b" / "val.bin").stat().st_size == 0
+
+
+def test_default_output_folder(tmp_path, monkeypatch, shared_data):
+    monkeypatch.chdir(tmp_path)
+    path = shared_data / "tinystories" / "tinystories_sample_cs336.txt"
+    run_prepare(PrepareArgs(input=str(path)))
+    assert load_meta("data/tinystories_sample_cs336_char")["counts"]["documents"]["val"] >= 1
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"", "is empty"),
+        (b"ok\n\xc3\x28", r"not valid UTF-8.*offset 3"),
+        (b"\n <|endoftext|> \n", "contains no text"),
+    ],
+)
+def test_bad_input_leaves_no_output(tmp_path, content, message):
+    path = tmp_path / "in.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        run_prepare(PrepareArgs(input=str(path), out=str(tmp_path / "out")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["in.txt"] if content is not None else [])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (PrepareArgs(source="tinyshakespeare", val_fraction=0.7), "between 0 and 0.5"),
+        (PrepareArgs(source="tinyshakespeare", tokenizer="chr"), "did you mean char"),
+    ],
+)
+def test_bad_arguments(args, message):
+    with pytest.raises(UserError, match=message):
+        run_prepare(args)
+
+
+def test_reprepare_replaces_folder_atomically(tmp_path):
+    out = tmp_path / "out"
+    run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "a", 5)), out=str(out)))
+    (out / "stale.txt").write_text("from before", encoding="utf-8")
+    meta = run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "b", 9)), out=str(out)))
+    assert load_meta(out) == meta and sum(meta["counts"]["documents"].values()) == 9
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
+
+
+def test_failure_midway_keeps_previous_dataset(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    before = run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "a", 5)), out=str(out)))
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(self, texts):
+        raise RuntimeError("tokenizer crashed")
+
+    monkeypatch.setattr(CharTokenizer, "encode_batch_to_arrays", broken)
+    with pytest.raises(RuntimeError, match="crashed"):
+        run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "b", 9)), out=str(out)))
+    assert load_meta(out) == before
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
+
+
+def test_batches_cover_everything(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 30)  # many small batches, same result
+    folder = make_folder(tmp_path / "docs", 12)
+    big = run_prepare(PrepareArgs(input=str(folder), out=str(tmp_path / "big")))
+    small = run_prepare(PrepareArgs(input=str(folder), out=str(tmp_path / "small")))
+    assert big["counts"] == small["counts"]
+    for split in ("train", "val"):
+        assert (tmp_path / "big" / f"{split}.bin").read_bytes() == (
+            tmp_path / "small" / f"{split}.bin"
+        ).read_bytes()
+
+
+def test_load_meta_errors(tmp_path):
+    with pytest.raises(UserError, match="smallgpt prepare"):
+        load_meta(tmp_path / "nothing")
+    (tmp_path / "meta.json").write_text("{broken", encoding="utf-8")
+    with pytest.raises(UserError, match="meta.json is unreadable.*smallgpt prepare"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text('{"format_version": 99}', encoding="utf-8")
+    with pytest.raises(UserError, match="format-1"):
+        load_meta(tmp_path)
