@@ -42,6 +42,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on capable GPUs, fp32 on CPU)
     compile: bool = False
     backend: str = "auto"  # distributed backend: auto | nccl | gloo
+    parallel: str = "ddp"  # under torchrun: ddp (a model copy per process) | fsdp (sharded, FSDP2)
 
 
 @dataclass
@@ -115,6 +116,8 @@ class Config:
             raise UserError(f"config init_from must be scratch or resume, got {t.init_from!r}")
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
+        if t.parallel not in ("ddp", "fsdp"):
+            raise UserError(f"config parallel must be ddp or fsdp, got {t.parallel!r}")
         if not self.data.dataset:
             raise UserError("config dataset is not set: pass --dataset=DATA_DIR (made by smallgpt prepare)")
 
