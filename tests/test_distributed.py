@@ -122,6 +122,7 @@ def test_only_rank_zero_writes_and_logs(two_processes):
     ]
     assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == ["best", "last"]  # no temp leftovers
     assert result.stdout.count("step 6:") == 1 and result.stdout.count("number of parameters") == 1
+    assert "Traceback" not in result.stderr and "destroy_process_group" not in result.stderr  # clean exit
     state = checkpoint.load_state(run_dir / "ckpt" / "last")
     assert len(state["rng"]) == 2 and state["iter_num"] == 6
 
