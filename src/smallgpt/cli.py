@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import types
 import typing
@@ -109,8 +110,6 @@ def pop_nproc(args: list[str]) -> tuple[int, list[str]]:
 
 def train_command(args: list[str]) -> None:
     """`smallgpt train [CONFIG] [--key=value ...] [--nproc N]`: argparse would reject the free-form keys."""
-    import os
-
     from smallgpt.config import load_config
     from smallgpt.train.run import train
 
