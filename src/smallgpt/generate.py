@@ -109,9 +109,14 @@ class Generator:
         ids = self.tokenizer.encode(text)
         return ids or [self.tokenizer.eot_id]  # an empty start means "a new document"
 
+    def suppress_ids(self, stop_ids: tuple[int, ...]) -> tuple[int, ...]:
+        """Special tokens the model must not produce: all but the ones that end the text."""
+        return tuple(i for i in self.tokenizer.special_tokens.values() if i not in stop_ids)
+
     def stream(self, ids: Sequence[int], stop_ids: tuple[int, ...] | None = None) -> Iterator[int]:
         """Yield new token ids after `ids`, stopping at end-of-text (or the given stop ids)."""
         o = self.options
+        stop_ids = (self.tokenizer.eot_id,) if stop_ids is None else stop_ids
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         for token in self.model.generate_stream(
             idx,
@@ -119,7 +124,8 @@ class Generator:
             temperature=o.temperature,
             top_k=o.top_k,
             top_p=o.top_p,
-            stop_ids=(self.tokenizer.eot_id,) if stop_ids is None else stop_ids,
+            stop_ids=stop_ids,
+            suppress_ids=self.suppress_ids(stop_ids),
             generator=self.rng,
             use_cache=o.kv_cache,
         ):
@@ -150,8 +156,9 @@ def read_start(start: str) -> str:
         raise UserError(f"start file {path} is not valid UTF-8 text") from None
 
 
-def sample(args: SampleArgs, out: TextIO = sys.stdout) -> None:
+def sample(args: SampleArgs, out: TextIO | None = None) -> None:
     """Print num_samples continuations of the start text, like nanoGPT's sample.py."""
+    out = out or sys.stdout
     if args.num_samples <= 0:
         raise UserError(f"num-samples must be positive, got {args.num_samples}")
     gen = Generator(args.run, args)
@@ -171,9 +178,10 @@ class ContinueArgs(SamplingOptions):
 
 
 def interactive_continue(
-    args: ContinueArgs, read: Callable[[str], str] = input, out: TextIO = sys.stdout
+    args: ContinueArgs, read: Callable[[str], str] = input, out: TextIO | None = None
 ) -> None:
     """Type a beginning; the model continues it; then [c]ontinue, [n]ew start or [q]uit."""
+    out = out or sys.stdout
     gen = Generator(args.run, args)
     out.write("Type the beginning of a text (empty line: a new document). Ctrl-D quits.\n")
     try:

@@ -285,15 +285,17 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         stop_ids: tuple[int, ...] = (),
+        suppress_ids: tuple[int, ...] = (),
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         repetition_penalty: float = 1.0,
     ) -> Iterator[torch.Tensor]:
         """Yield new tokens one at a time, (B,) each, for prompts idx (B, T).
 
-        Stops after max_new_tokens or once every row has produced a stop id. temperature 0 is
-        greedy. Contexts longer than block_size keep their last 3/4 block_size tokens when the cache
-        fills (the cache is re-filled from them), or the last block_size tokens without a cache.
+        Stops after max_new_tokens or once every row has produced a stop id; never produces a
+        suppressed id (e.g. the unknown-character token). temperature 0 is greedy. Contexts longer
+        than block_size keep their last 3/4 block_size tokens when the cache fills (the cache is
+        re-filled from them), or the last block_size tokens without a cache.
         """
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, context = None, idx
@@ -309,6 +311,8 @@ class GPT(nn.Module):
                     feed = context[:, -1:]
                 logits, _ = self(feed, kv_cache=cache)
             logits = logits[:, -1, :].float()
+            if suppress_ids:
+                logits[:, list(suppress_ids)] = float("-inf")
             if repetition_penalty != 1.0:
                 logits = penalize_repeats(logits, context, repetition_penalty)
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
