@@ -111,13 +111,14 @@ class Config:
             raise UserError(
                 f"config n_embd ({self.model.n_embd}) must be divisible by n_head ({self.model.n_head})"
             )
-        from smallgpt.model.hf import HUB_MODELS
+        if t.init_from not in ("scratch", "resume"):
+            from smallgpt.model.hf import HUB_MODELS  # conversion code only for pretrained starts
 
-        if t.init_from not in ("scratch", "resume", *HUB_MODELS) and not Path(t.init_from).is_dir():
-            raise UserError(
-                f"config init_from must be scratch, resume, {', '.join(HUB_MODELS)} or a Hugging Face "
-                f"model folder, got {t.init_from!r}"
-            )
+            if t.init_from not in HUB_MODELS and not Path(t.init_from).is_dir():
+                raise UserError(
+                    f"config init_from must be scratch, resume, {', '.join(HUB_MODELS)} or a Hugging Face "
+                    f"model folder, got {t.init_from!r}"
+                )
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         if not self.data.dataset:

@@ -164,8 +164,8 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_hf_weights(model: GPT, weights: dict[str, torch.Tensor], arch: str, where: Path) -> None:
     """Rename, transpose, concatenate (and crop wpe to block_size) `weights` into `model`."""
     if arch == "gpt2":  # the hub's GPT-2 files hold GPT2Model's names, without "transformer."
-        ours = ("transformer.", "lm_head.")
-        weights = {k if k.startswith(ours) else f"transformer.{k}": v for k, v in weights.items()}
+        full = ("transformer.", "lm_head.")
+        weights = {k if k.startswith(full) else f"transformer.{k}": v for k, v in weights.items()}
     state = {}
     for key, ours in model.state_dict().items():
         if key == checkpoint.TIED:
@@ -174,8 +174,11 @@ def load_hf_weights(model: GPT, weights: dict[str, torch.Tensor], arch: str, whe
         missing = [name for name in names if name not in weights]
         if missing:
             raise UserError(f"{where} has no tensor {missing[0]}")
-        tensor = torch.cat([weights.pop(name) for name in names], dim=0)
-        tensor = (tensor.t() if transpose else tensor)[: ours.size(0)]  # only wpe is ever longer
+        parts = [weights.pop(name) for name in names]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # no copy of gpt2-xl's 6 GB
+        tensor = tensor.t() if transpose else tensor
+        if key == "transformer.wpe.weight":
+            tensor = tensor[: ours.size(0)]  # block_size cropping: the first positions only
         if tensor.shape != ours.shape:
             shapes = f"{tuple(tensor.shape)}, expected {tuple(ours.shape)}"
             raise UserError(f"{where}: {names[0]} has shape {shapes}")
