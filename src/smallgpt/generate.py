@@ -30,6 +30,18 @@ def load_run(run_dir: str | Path, device: torch.device, which: str = "best") -> 
     return model, tokenizer
 
 
+def load_source(run: str, options: SamplingOptions, device: torch.device) -> tuple[GPT, Tokenizer]:
+    """A run's checkpoint (--run), or Hugging Face weights such as OpenAI's GPT-2 (--init-from)."""
+    if bool(run) == bool(options.init_from):
+        raise UserError("pass either --run DIR or --init-from (gpt2, ..., gpt2-xl or a Hugging Face folder)")
+    if run:
+        return load_run(run, device, options.checkpoint)
+    from smallgpt.model import hf  # conversion code only when asked for
+
+    pretrained = hf.open_pretrained(options.init_from)
+    return pretrained.model().to(device).eval(), pretrained.tokenizer
+
+
 class StreamDecoder:
     """Turns token ids into text pieces; holds back ids that end inside a multi-byte character."""
 
@@ -72,6 +84,12 @@ class SamplingOptions:
         default=True,
         metadata={"help": "reuse past keys/values (faster; --no-kv-cache to turn off)"},
     )
+    init_from: str = field(
+        default="",
+        metadata={
+            "help": "instead of --run: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a transformers folder"
+        },
+    )
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
@@ -88,7 +106,7 @@ class SamplingOptions:
 
 @dataclass
 class SampleArgs(SamplingOptions):
-    run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
+    run: str = field(default="", metadata={"help": "run folder made by smallgpt train (or --init-from)"})
     start: str = field(
         default="\n", metadata={"help": "text to start from, or FILE:path to read it from a file"}
     )
@@ -102,7 +120,7 @@ class Generator:
         options.validate()
         self.options = options
         self.device = resolve_device(options.device)
-        self.model, self.tokenizer = load_run(run, self.device, options.checkpoint)
+        self.model, self.tokenizer = load_source(run, options, self.device)
         self.rng = torch.Generator(device=self.device).manual_seed(options.seed)
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -173,7 +191,7 @@ def sample(args: SampleArgs, out: TextIO | None = None) -> None:
 
 @dataclass
 class ContinueArgs(SamplingOptions):
-    run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
+    run: str = field(default="", metadata={"help": "run folder made by smallgpt train (or --init-from)"})
     max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate per continuation"})
 
 
