@@ -214,7 +214,9 @@ class Trainer:
         out_of_time = t.max_seconds > 0 and self.train_seconds >= t.max_seconds
         return self.iter_num >= t.max_iters or out_of_time
 
-    def _eval_and_save(self, logger: MetricsLogger | None, log: Callable[[str], None]) -> dict:
+    def _eval_and_save(
+        self, logger: MetricsLogger | None, log: Callable[[str], None], save: bool = True
+    ) -> dict:
         """Evaluate, log, and write ckpt/best on improvement and ckpt/last; returns the metrics."""
         metrics = self.evaluate()
         improved = metrics.get(self.monitor, math.inf) < self.best_metric
@@ -224,7 +226,7 @@ class Trainer:
         log(f"step {self.iter_num}: {line}")
         if logger is not None:
             logger.log("eval", iter=self.iter_num, tokens=self.tokens_seen, **metrics)
-        if self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
+        if save and self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
             if improved:
                 self.save("best")
             if improved or self.config.train.always_save_checkpoint or self._done():
@@ -239,18 +241,17 @@ class Trainer:
             main and self.config.log.progress, total=t.max_iters, initial=self.iter_num, unit="it"
         )
         log = bar.write if main else (lambda _line: None)
-        if t.eval_only:
-            metrics = self.evaluate()
-            log(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            return metrics
         first, metrics = True, {}
         self.model.train()
         window_start, window_iters = time.perf_counter(), 0  # ms/iter averages over a log window
         try:
+            if t.eval_only:
+                return self._eval_and_save(logger, log, save=False)
             while True:
                 self.set_lr(lr_at(self.iter_num, self.config.optim))
                 at_eval = self.iter_num % t.eval_interval == 0 or self._done()
-                if at_eval and not (first and self.resumed):
+                # a resumed run was evaluated at this very step before it stopped, unless it is done
+                if at_eval and not (first and self.resumed and not self._done()):
                     metrics = self._eval_and_save(logger, log)
                     window_start, window_iters = time.perf_counter(), 0  # eval time is not training
                 if self._done():
