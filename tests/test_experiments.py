@@ -34,7 +34,7 @@ def compared(config):
     return out, rows
 
 
-def test_compare_trains_every_variant_and_writes_table_csv_and_png(compared):
+def test_compare_trains_every_variant_and_writes_table_csv_and_png(compared, config):
     out, rows = compared
     assert [(r["run"], r["seed"]) for r in rows] == [
         ("optimizer-adamw", 1337),
@@ -56,6 +56,7 @@ def test_compare_trains_every_variant_and_writes_table_csv_and_png(compared):
     assert len(table) == 6 and float(table[0]["final_val_loss"]) == pytest.approx(rows[0]["final_val_loss"])
     markdown = (out / "compare.md").read_text()
     assert markdown.count("| optimizer-") == 6 and "final_val_bpb" in markdown
+    assert markdown.startswith(f"`smallgpt compare {config} --vary optimizer=adamw,muon --seeds 2")
     assert (out / "compare.png").read_bytes().startswith(PNG)
 
 

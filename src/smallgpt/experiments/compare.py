@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +105,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def command_line(args: CompareArgs) -> str:
+    """The command that reproduces this comparison, for the table's caption."""
+    words = ["smallgpt", "compare", str(args.config)]
+    words += [w for v in args.vary for w in ("--vary", v)] + [w for v in args.set for w in ("--set", v)]
+    words += ["--seeds", str(args.seeds), "--out", args.out]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def compare(args: CompareArgs) -> list[dict[str, Any]]:
     """Train every variant x seed into OUT/<variant>/, then write OUT/compare.{md,csv,png}."""
     from smallgpt.train.run import train
@@ -132,8 +139,7 @@ def compare(args: CompareArgs) -> list[dict[str, Any]]:
             )
             runs[run_dir.name] = run_dir
     table = rows + (seed_means(rows) if args.seeds > 1 else [])
-    command = "smallgpt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
-    atomic_write_text(out / "compare.md", (f"`{command}`\n\n" if command else "") + markdown(table))
+    atomic_write_text(out / "compare.md", f"`{command_line(args)}`\n\n" + markdown(table))
     atomic_write_text(out / "compare.csv", to_csv(table, list(COLUMNS)))
     draw(runs, out / "compare.png", title=", ".join(f"{k}: {' vs '.join(v)}" for k, v in axes))
     print(markdown(table))
