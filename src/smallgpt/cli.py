@@ -106,6 +106,7 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "compare",
         "train config variants on the same budget; table + loss-curve PNG",
     ),
+    "export": Verb("smallgpt.model.hf", "ExportArgs", "export", "write a run as a transformers folder"),
 }
 TRAIN_HELP = "train a GPT from a YAML or nanoGPT-style .py config file and --key=value overrides"
 

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 from smallgpt.config import Config
 from smallgpt.data.loader import Batch
 from smallgpt.errors import UserError
+from smallgpt.progress import progress_bar
 from smallgpt.train import checkpoint
 from smallgpt.train.distributed import DistInfo
 from smallgpt.train.logging import MetricsLogger
@@ -233,7 +233,9 @@ class Trainer:
         out_of_time = t.max_seconds > 0 and self.train_seconds >= t.max_seconds
         return self.iter_num >= t.max_iters or out_of_time
 
-    def _eval_and_save(self, logger: MetricsLogger | None, log: Callable[[str], None]) -> dict:
+    def _eval_and_save(
+        self, logger: MetricsLogger | None, log: Callable[[str], None], save: bool = True
+    ) -> dict:
         """Evaluate, log, and write ckpt/best on improvement and ckpt/last; returns the metrics."""
         metrics = self.evaluate()
         improved = metrics.get(self.monitor, math.inf) < self.best_metric
@@ -243,7 +245,7 @@ class Trainer:
         log(f"step {self.iter_num}: {line}")
         if logger is not None:
             logger.log("eval", iter=self.iter_num, tokens=self.tokens_seen, **metrics)
-        if self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
+        if save and self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
             if improved:
                 self.save("best")
             if improved or self.config.train.always_save_checkpoint or self._done():
@@ -254,26 +256,21 @@ class Trainer:
         """Train until max_iters (or max_seconds); returns the last evaluation's metrics."""
         t, main = self.config.train, self.dist.is_main
         logger = MetricsLogger(self.run_dir, self.config, resume=self.resumed) if main else None
-        bar = tqdm(
-            total=t.max_iters,
-            initial=self.iter_num,
-            disable=not (main and self.config.log.progress) or None,
-            unit="it",
-            dynamic_ncols=True,
+        bar = progress_bar(
+            main and self.config.log.progress, total=t.max_iters, initial=self.iter_num, unit="it"
         )
         log = bar.write if main else (lambda _line: None)
-        if t.eval_only:
-            metrics = self.evaluate()
-            log(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            return metrics
         first, metrics = True, {}
         self.model.train()
         window_start, window_iters = time.perf_counter(), 0  # ms/iter averages over a log window
         try:
+            if t.eval_only:
+                return self._eval_and_save(logger, log, save=False)
             while True:
                 self.set_lr(lr_at(self.iter_num, self.config.optim))
                 at_eval = self.iter_num % t.eval_interval == 0 or self._done()
-                if at_eval and not (first and self.resumed):
+                # a resumed run was evaluated at this very step before it stopped, unless it is done
+                if at_eval and not (first and self.resumed and not self._done()):
                     metrics = self._eval_and_save(logger, log)
                     window_start, window_iters = time.perf_counter(), 0  # eval time is not training
                 if self._done():
