@@ -205,7 +205,26 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        hessian_interval = getattr(self.optimizer, "hessian_interval", 0)
+        if hessian_interval and (self.iter_num + 1) % hessian_interval == 0:
+            self.estimate_hessian(batch)
         return total
+
+    def estimate_hessian(self, batch: Batch) -> None:
+        """Sophia's Gauss-Newton-Bartlett estimate: the gradient of the loss on labels sampled from
+        the model's own predictions; the optimizer squares it into its diagonal Hessian EMA."""
+        x, y, mask = batch
+        with self.autocast():
+            logits = self.wrapped(x, y)[0]  # with targets, the model returns every position's logits
+        sampled = torch.distributions.Categorical(logits=logits.float().detach()).sample()
+        if mask is not None:  # only where the real loss counts (e.g. chat: the bot's turns)
+            sampled = sampled.masked_fill(~mask.bool(), -1)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), sampled.flatten(), ignore_index=-1)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # fp16: keep small grads
+        (loss * scale).backward()
+        tokens = int((sampled >= 0).sum())
+        self.optimizer.update_hessian(tokens=tokens, grad_scale=scale)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _done(self) -> bool:
         t = self.config.train
@@ -283,10 +302,12 @@ class Trainer:
             flops = checkpoint.unwrap(self.model).flops_per_token() * tokens_per_sec
             mfu = flops / (self.peak_flops * self.dist.world_size)
         lr = self.optimizer.param_groups[0]["lr"]
+        extra = getattr(self.optimizer, "log_metrics", dict)()  # e.g. sophiag's win_rate
         mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        extra_text = "".join(f", {k} {v:.3f}" for k, v in extra.items())
         log(
             f"iter {self.iter_num - 1}: loss {loss:.4f}, lr {lr:.2e}, {1000 * elapsed:.1f} ms, "
-            f"{tokens_per_sec:,.0f} tok/s{mfu_text}"
+            f"{tokens_per_sec:,.0f} tok/s{mfu_text}{extra_text}"
         )
         if logger is not None:
             logger.log(
@@ -298,4 +319,5 @@ class Trainer:
                 ms_per_iter=1000 * elapsed,
                 tokens_per_sec=tokens_per_sec,
                 mfu=mfu,
+                **extra,
             )
