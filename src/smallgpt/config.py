@@ -128,6 +128,9 @@ class Config:
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         if t.parallel not in ("ddp", "fsdp"):
             raise UserError(f"config parallel must be ddp or fsdp, got {t.parallel!r}")
+        if t.parallel == "fsdp" and self.optim.optimizer != "adamw":
+            # Muon orthogonalises whole matrices and Sophia was not checked on shards: refuse, don't guess
+            raise UserError(f"optimizer {self.optim.optimizer} does not support parallel=fsdp; use adamw")
         if not self.data.dataset:
             raise UserError("config dataset is not set: pass --dataset=DATA_DIR (made by smallgpt prepare)")
 
