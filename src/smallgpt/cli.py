@@ -92,6 +92,32 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "interactive_continue",
         "interactive: type a beginning, the model continues it",
     ),
+    "classify": {
+        "train": Verb(
+            "smallgpt.classify.train",
+            "ClassifyTrainArgs",
+            "train_classifier",
+            "fine-tune a pretrained run as a text classifier on labelled CSV/TSV/JSONL",
+        ),
+        "eval": Verb(
+            "smallgpt.classify.evaluate",
+            "ClassifyEvalArgs",
+            "run_eval",
+            "accuracy, macro-F1 and confusion matrix of a classify run on labelled data",
+        ),
+        "predict": Verb(
+            "smallgpt.classify.evaluate",
+            "ClassifyPredictArgs",
+            "run_predict",
+            "label a text (or every line of --file) with class probabilities",
+        ),
+        "ablate": Verb(
+            "smallgpt.classify.train",
+            "ClassifyAblateArgs",
+            "run_ablate",
+            "train the seed's mask/freeze variants from one pretrained run and print the table",
+        ),
+    },
 }
 TRAIN_HELP = "train a GPT from a YAML or nanoGPT-style .py config file and --key=value overrides"
 
