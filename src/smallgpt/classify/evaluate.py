@@ -88,6 +88,8 @@ def load_classifier(
     run_dir: str | Path, device: torch.device, which: str = "best"
 ) -> tuple[GPTClassifier, Tokenizer, list[str], dict]:
     """The model of a classify run's checkpoint, its tokenizer, class names and settings."""
+    if which not in ("best", "last"):
+        raise UserError(f"checkpoint must be best or last, got {which!r}")
     run_dir = Path(run_dir)
     ckpt = checkpoint.find_checkpoint(run_dir, which)
     tags = checkpoint.read_tags(ckpt)
