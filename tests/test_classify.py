@@ -150,6 +150,23 @@ def test_frozen_backbone_is_bit_identical_after_training(tmp_path):
     assert not torch.equal(weights["head.bias"], head_init)
 
 
+def test_patience_stops_when_val_accuracy_stops_improving(tmp_path):
+    backbone_run = make_backbone_run(tmp_path / "backbone")
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
+    args = ClassifyTrainArgs(
+        data=str(data), init_from=str(backbone_run), out_dir=str(tmp_path / "cls"), max_iters=400,
+        eval_interval=4, patience=2, batch_size=8, learning_rate=3e-3, progress=False, device="cpu",
+    )  # fmt: skip
+    train_classifier(args)
+    events = [json.loads(line) for line in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals[-1]["iter"] < 400
+    errors = [e["val_error"] for e in evals]
+    # it stopped two evaluations after the last new best (a tie is no improvement)
+    last_best = errors.index(min(errors))
+    assert len(evals) - 1 - last_best == 2
+
+
 # ---- training, eval and predict through the CLI ------------------------------------------------
 def test_separable_task_reaches_full_accuracy(trained, capsys):
     run = trained["run"]

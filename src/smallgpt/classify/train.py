@@ -42,6 +42,7 @@ from smallgpt.config import Config, LogConfig, OptimConfig, TrainConfig
 from smallgpt.errors import UserError
 from smallgpt.generate import load_run
 from smallgpt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from smallgpt.model.gpt import ModelConfig
 from smallgpt.train.distributed import DistInfo, resolve_device
 from smallgpt.train.optim import build_optimizer
 from smallgpt.train.trainer import Trainer
@@ -89,9 +90,8 @@ class ClassifyOptions:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> None:
-        for name in ("batch_size",):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batch_size <= 0:
+            raise UserError(f"batch-size must be positive, got {self.batch_size}")
         for name in ("epochs", "max_iters", "learning_rate", "weight_decay", "warmup_iters", "eval_interval"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
@@ -165,7 +165,7 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> to
     return F.cross_entropy(model(x, real).float(), labels)
 
 
-def trainer_config(args: ClassifyOptions, model_config, train_size: int) -> Config:
+def trainer_config(args: ClassifyOptions, model_config: ModelConfig, train_size: int) -> Config:
     """The shared Trainer's Config: epochs become max_iters, evaluation defaults to once per epoch."""
     steps_per_epoch = max(1, train_size // args.batch_size)
     max_iters = args.max_iters or math.ceil(args.epochs * steps_per_epoch)
