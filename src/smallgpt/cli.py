@@ -92,6 +92,7 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "interactive_continue",
         "interactive: type a beginning, the model continues it",
     ),
+    "export": Verb("smallgpt.model.hf", "ExportArgs", "export", "write a run as a transformers folder"),
     "classify": {
         "train": Verb(
             "smallgpt.classify.train",
