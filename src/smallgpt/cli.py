@@ -37,7 +37,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = meta.get("help", "")
         if meta.get("positional"):
-            parser.add_argument(f.name, nargs="?", default=default, help=help_text)
+            many = kind is list or typing.get_origin(kind) is list
+            parser.add_argument(f.name, nargs="*" if many else "?", default=default, help=help_text)
             continue
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         if kind is bool:
@@ -91,6 +92,19 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "ContinueArgs",
         "interactive_continue",
         "interactive: type a beginning, the model continues it",
+    ),
+    "plot": Verb("smallgpt.experiments.plot", "PlotArgs", "plot", "draw train/val loss curves of runs"),
+    "export-metrics": Verb(
+        "smallgpt.experiments.metrics",
+        "ExportArgs",
+        "export_metrics",
+        "write a run's metrics as CSV or XLSX",
+    ),
+    "compare": Verb(
+        "smallgpt.experiments.compare",
+        "CompareArgs",
+        "compare",
+        "train config variants on the same budget; table + loss-curve PNG",
     ),
     "export": Verb("smallgpt.model.hf", "ExportArgs", "export", "write a run as a transformers folder"),
     "classify": {

@@ -46,16 +46,20 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | sophiag | muon
     learning_rate: float = 6e-4
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float | None = None  # None: the optimizer's default (adamw 0.9, 0.95; sophiag 0.965, 0.99)
+    beta2: float | None = None
     grad_clip: float = 1.0  # 0 disables clipping
     decay_lr: bool = True
     warmup_iters: int = 100
     lr_decay_iters: int = 5000
     min_lr: float = 6e-5
+    rho: float = 0.04  # sophiag: clipping threshold of the Hessian-preconditioned step
+    hessian_interval: int = 10  # sophiag: steps between Hessian estimates
+    muon_lr: float = 0.02  # muon: peak lr of the hidden matrices (scheduled like learning_rate)
+    muon_momentum: float = 0.95
 
 
 @dataclass

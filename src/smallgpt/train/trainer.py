@@ -216,7 +216,26 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        hessian_interval = getattr(self.optimizer, "hessian_interval", 0)
+        if hessian_interval and (self.iter_num + 1) % hessian_interval == 0:
+            self.estimate_hessian(batch)
         return total
+
+    def estimate_hessian(self, batch: Batch) -> None:
+        """Sophia's Gauss-Newton-Bartlett estimate: the gradient of the loss on labels sampled from
+        the model's own predictions; the optimizer squares it into its diagonal Hessian EMA."""
+        x, y, mask = batch
+        with self.autocast():
+            logits = self.wrapped(x, y)[0]  # with targets, the model returns every position's logits
+        sampled = torch.distributions.Categorical(logits=logits.float().detach()).sample()
+        if mask is not None:  # only where the real loss counts (e.g. chat: the bot's turns)
+            sampled = sampled.masked_fill(~mask.bool(), -1)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), sampled.flatten(), ignore_index=-1)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # fp16: keep small grads
+        (loss * scale).backward()
+        tokens = int((sampled >= 0).sum())
+        self.optimizer.update_hessian(tokens=tokens, grad_scale=scale)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _done(self) -> bool:
         t = self.config.train
@@ -224,7 +243,9 @@ class Trainer:
         out_of_patience = self.patience > 0 and self.stale_evals >= self.patience
         return self.iter_num >= t.max_iters or out_of_time or out_of_patience
 
-    def _eval_and_save(self, logger: MetricsLogger | None, log: Callable[[str], None]) -> dict:
+    def _eval_and_save(
+        self, logger: MetricsLogger | None, log: Callable[[str], None], save: bool = True
+    ) -> dict:
         """Evaluate, log, and write ckpt/best on improvement and ckpt/last; returns the metrics."""
         metrics = self.evaluate()
         improved = metrics.get(self.monitor, math.inf) < self.best_metric
@@ -235,7 +256,7 @@ class Trainer:
         log(f"step {self.iter_num}: {line}")
         if logger is not None:
             logger.log("eval", iter=self.iter_num, tokens=self.tokens_seen, **metrics)
-        if self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
+        if save and self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
             if improved:
                 self.save("best")
             if improved or self.config.train.always_save_checkpoint or self._done():
@@ -250,18 +271,17 @@ class Trainer:
             main and self.config.log.progress, total=t.max_iters, initial=self.iter_num, unit="it"
         )
         log = bar.write if main else (lambda _line: None)
-        if t.eval_only:
-            metrics = self.evaluate()
-            log(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            return metrics
         first, metrics = True, {}
         self.model.train()
         window_start, window_iters = time.perf_counter(), 0  # ms/iter averages over a log window
         try:
+            if t.eval_only:
+                return self._eval_and_save(logger, log, save=False)
             while True:
                 self.set_lr(lr_at(self.iter_num, self.config.optim))
                 at_eval = self.iter_num % t.eval_interval == 0 or self._done()
-                if at_eval and not (first and self.resumed):
+                # a resumed run was evaluated at this very step before it stopped, unless it is done
+                if at_eval and not (first and self.resumed and not self._done()):
                     metrics = self._eval_and_save(logger, log)
                     window_start, window_iters = time.perf_counter(), 0  # eval time is not training
                 if self._done():
@@ -292,10 +312,12 @@ class Trainer:
             flops = checkpoint.unwrap(self.model).flops_per_token() * tokens_per_sec
             mfu = flops / (self.peak_flops * self.dist.world_size)
         lr = self.optimizer.param_groups[0]["lr"]
+        extra = getattr(self.optimizer, "log_metrics", dict)()  # e.g. sophiag's win_rate
         mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        extra_text = "".join(f", {k} {v:.3f}" for k, v in extra.items())
         log(
             f"iter {self.iter_num - 1}: loss {loss:.4f}, lr {lr:.2e}, {1000 * elapsed:.1f} ms, "
-            f"{tokens_per_sec:,.0f} tok/s{mfu_text}"
+            f"{tokens_per_sec:,.0f} tok/s{mfu_text}{extra_text}"
         )
         if logger is not None:
             logger.log(
@@ -307,4 +329,5 @@ class Trainer:
                 ms_per_iter=1000 * elapsed,
                 tokens_per_sec=tokens_per_sec,
                 mfu=mfu,
+                **extra,
             )
