@@ -108,6 +108,32 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "train config variants on the same budget; table + loss-curve PNG",
     ),
     "export": Verb("smallgpt.model.hf", "ExportArgs", "export", "write a run as a transformers folder"),
+    "classify": {
+        "train": Verb(
+            "smallgpt.classify.train",
+            "ClassifyTrainArgs",
+            "train_classifier",
+            "fine-tune a pretrained run as a text classifier on labelled CSV/TSV/JSONL",
+        ),
+        "eval": Verb(
+            "smallgpt.classify.evaluate",
+            "ClassifyEvalArgs",
+            "run_eval",
+            "accuracy, macro-F1 and confusion matrix of a classify run on labelled data",
+        ),
+        "predict": Verb(
+            "smallgpt.classify.evaluate",
+            "ClassifyPredictArgs",
+            "run_predict",
+            "label a text (or every line of --file) with class probabilities",
+        ),
+        "ablate": Verb(
+            "smallgpt.classify.train",
+            "ClassifyAblateArgs",
+            "run_ablate",
+            "train the seed's mask/freeze variants from one pretrained run and print the table",
+        ),
+    },
 }
 TRAIN_HELP = "train a GPT from a YAML or nanoGPT-style .py config file and --key=value overrides"
 

@@ -25,6 +25,11 @@ STATE = "state.pt"
 TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight; stored once
 
 
+def _is_tied(key: str) -> bool:
+    """The tied head, also inside a wrapper model (the classifier's `backbone.lm_head.weight`)."""
+    return key == TIED or key.endswith("." + TIED)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP/FSDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
@@ -38,7 +43,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     state = unwrap(model).state_dict()
-    return {k: v.detach().contiguous().cpu() for k, v in state.items() if k != TIED}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if not _is_tied(k)}
 
 
 def save_checkpoint(
@@ -152,7 +157,7 @@ def load_weights(ckpt_dir: str | Path, model: nn.Module) -> None:
     weights = read_weights(ckpt_dir)
     target = unwrap(model)
     missing, unexpected = target.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k != TIED]
+    missing = [k for k in missing if not _is_tied(k)]
     if missing or unexpected:
         raise UserError(
             f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"

@@ -40,6 +40,7 @@ class BatchSource(Protocol):
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+EvaluateFn = Callable[[nn.Module], dict[str, float]]  # the model (in eval mode) -> metrics
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -75,10 +76,13 @@ class Trainer:
     checkpoint_info: dict[str, Any] = field(default_factory=dict)  # saved with every checkpoint
     bytes_per_token: dict[str, float] = field(default_factory=dict)  # for bits-per-byte metrics
     monitor: str = "val_loss"  # the metric that picks ckpt/best (lower is better)
+    evaluate_fn: EvaluateFn | None = None  # replaces the mean loss over eval_iters batches
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
     iter_num: int = 0
     best_metric: float = math.inf
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    stale_evals: int = 0  # evaluations since the monitored metric last improved
 
     def __post_init__(self) -> None:
         t = self.config.train
@@ -166,8 +170,13 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over eval_iters fixed batches of each split (and bits per byte)."""
+        """Mean loss over eval_iters fixed batches of each split (and bits per byte), or evaluate_fn's."""
         self.model.eval()
+        if self.evaluate_fn is not None:
+            with self.autocast():
+                results = self.evaluate_fn(self.model)
+            self.model.train()
+            return results
         results: dict[str, float] = {}
         for split, make_source in self.eval_sources.items():
             source = make_source()
@@ -229,7 +238,8 @@ class Trainer:
     def _done(self) -> bool:
         t = self.config.train
         out_of_time = t.max_seconds > 0 and self.train_seconds >= t.max_seconds
-        return self.iter_num >= t.max_iters or out_of_time
+        out_of_patience = self.patience > 0 and self.stale_evals >= self.patience
+        return self.iter_num >= t.max_iters or out_of_time or out_of_patience
 
     def _eval_and_save(
         self, logger: MetricsLogger | None, log: Callable[[str], None], save: bool = True
@@ -239,6 +249,7 @@ class Trainer:
         improved = metrics.get(self.monitor, math.inf) < self.best_metric
         if improved:
             self.best_metric = metrics[self.monitor]
+        self.stale_evals = 0 if improved or self.iter_num == 0 else self.stale_evals + 1
         line = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         log(f"step {self.iter_num}: {line}")
         if logger is not None:

@@ -1,0 +1,200 @@
+"""`smallgpt classify eval` and `predict`: load a classify run, score labelled data or label new text."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from smallgpt.classify.data import collate, encode_texts, label_ids, load_labels, read_examples
+from smallgpt.classify.model import ClassifierConfig, GPTClassifier
+from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
+from smallgpt.errors import UserError
+from smallgpt.io import atomic_write_json
+from smallgpt.model.gpt import GPT
+from smallgpt.train import checkpoint
+from smallgpt.train.distributed import resolve_device
+
+SETTINGS = "classify.json"  # the run's data columns and training flags
+LABELS = "labels.json"  # class names in id order
+TEST_SPLIT = "test.jsonl"  # the held-out split, when train made one
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+def confusion_matrix(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[t, p]: examples of class t predicted as p."""
+    flat = np.bincount(true * num_classes + predicted, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def scores(confusion: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro-F1 (the unweighted mean of per-class F1; a class never seen nor predicted
+    scores 0)."""
+    tp = np.diag(confusion).astype(float)
+    denominator = confusion.sum(0) + confusion.sum(1)  # 2tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return {"accuracy": float(tp.sum() / confusion.sum()), "macro_f1": float(f1.mean())}
+
+
+def format_confusion(confusion: np.ndarray, names: list[str]) -> str:
+    """A plain-text table: one row per true class, one column per predicted class."""
+    header = ["true \\ predicted", *names]
+    rows = [[name, *map(str, counts)] for name, counts in zip(names, confusion)]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows])
+
+
+# ---- a loaded classifier -----------------------------------------------------------------------
+@torch.no_grad()
+def predict_logits(
+    model: GPTClassifier, ids: list[np.ndarray], batch_size: int, pad_id: int, device: torch.device
+) -> torch.Tensor:
+    """Logits (N, num_classes) on the CPU, in the order of `ids`.
+
+    Texts are batched by length, so batches carry little padding.
+    """
+    was_training = model.training
+    model.eval()
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    logits = torch.empty(len(ids), model.config.num_classes)
+    for start in range(0, len(ids), batch_size):
+        rows = order[start : start + batch_size]
+        x, real = collate([ids[i] for i in rows], pad_id, model.config.padding_side, device)
+        logits[torch.from_numpy(rows)] = model(x, real).float().cpu()
+    model.train(was_training)
+    return logits
+
+
+def evaluate_ids(
+    model: GPTClassifier,
+    ids: list[np.ndarray],
+    labels: np.ndarray,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> tuple[dict[str, float], np.ndarray]:
+    """Loss, accuracy and macro-F1 over every example, and the confusion matrix."""
+    logits = predict_logits(model, ids, batch_size, pad_id, device)
+    targets = torch.from_numpy(labels)
+    confusion = confusion_matrix(labels, logits.argmax(-1).numpy(), model.config.num_classes)
+    return {"loss": F.cross_entropy(logits, targets).item(), **scores(confusion)}, confusion
+
+
+def load_classifier(
+    run_dir: str | Path, device: torch.device, which: str = "best"
+) -> tuple[GPTClassifier, Tokenizer, list[str], dict]:
+    """The model of a classify run's checkpoint, its tokenizer, class names and settings."""
+    if which not in ("best", "last"):
+        raise UserError(f"checkpoint must be best or last, got {which!r}")
+    run_dir = Path(run_dir)
+    ckpt = checkpoint.find_checkpoint(run_dir, which)
+    tags = checkpoint.read_tags(ckpt)
+    if "classifier" not in tags:
+        raise UserError(f"{ckpt} is not a classifier checkpoint: train one with smallgpt classify train")
+    model = GPTClassifier(
+        GPT(checkpoint.read_model_config(ckpt)), ClassifierConfig(**json.loads(tags["classifier"]))
+    )
+    checkpoint.load_weights(ckpt, model)
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    if tags.get("tokenizer_fingerprint") != tokenizer.fingerprint():
+        raise UserError(f"{run_dir}/tokenizer.json is not the tokenizer checkpoint {ckpt} was trained with")
+    names = load_labels(run_dir / LABELS)
+    if len(names) != model.config.num_classes:
+        raise UserError(
+            f"{run_dir}/{LABELS} names {len(names)} classes, the checkpoint has {model.config.num_classes}"
+        )
+    settings = json.loads((run_dir / SETTINGS).read_text(encoding="utf-8"))
+    return model.to(device).eval(), tokenizer, names, settings
+
+
+# ---- verbs -----------------------------------------------------------------------------------
+@dataclass
+class LoadedRunArgs:
+    run: str = field(
+        default="", metadata={"help": "run folder made by smallgpt classify train", "required": True}
+    )
+    batch_size: int = field(default=64, metadata={"help": "texts per forward pass"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    checkpoint: str = field(default="best", metadata={"help": "which checkpoint of the run: best | last"})
+
+
+@dataclass
+class ClassifyEvalArgs(LoadedRunArgs):
+    data: str | None = field(
+        default=None, metadata={"help": "labelled CSV/TSV/JSONL (default: the run's held-out test split)"}
+    )
+    text_column: str | None = field(default=None, metadata={"help": "text column (default: the run's)"})
+    label_column: str | None = field(default=None, metadata={"help": "label column (default: the run's)"})
+    delimiter: str | None = field(default=None, metadata={"help": "CSV delimiter (default: sniffed)"})
+    out: str | None = field(default=None, metadata={"help": "metrics JSON file (default: RUN/eval.json)"})
+
+
+def report(metrics: dict[str, float], confusion: np.ndarray, names: list[str], what: str) -> str:
+    return (
+        f"{what}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"loss {metrics['loss']:.4f} ({int(confusion.sum())} examples)\n{format_confusion(confusion, names)}"
+    )
+
+
+def run_eval(args: ClassifyEvalArgs) -> dict[str, float]:
+    device = resolve_device(args.device)
+    model, tokenizer, names, settings = load_classifier(args.run, device, args.checkpoint)
+    data = args.data or str(Path(args.run) / TEST_SPLIT)
+    if args.data is None and not Path(data).is_file():
+        raise UserError(f"run {args.run} has no held-out test split: pass --data FILE")
+    columns = (
+        settings["columns"]
+        if args.data is None
+        else settings["columns"]
+        | {k: v for k, v in (("text", args.text_column), ("label", args.label_column)) if v}
+    )
+    examples = read_examples(data, columns["text"], columns["label"], args.delimiter or settings["delimiter"])
+    if examples.empty_skipped:
+        print(f"{data}: skipped {examples.empty_skipped} rows with empty text")
+    encoded = encode_texts(examples.texts, tokenizer, model.backbone.config.block_size)
+    print(encoded.report(data, model.backbone.config.block_size))
+    metrics, confusion = evaluate_ids(
+        model, encoded.ids, label_ids(examples, names), args.batch_size, tokenizer.eot_id, device
+    )
+    print(report(metrics, confusion, names, data))
+    out = Path(args.out) if args.out else Path(args.run) / "eval.json"
+    atomic_write_json(out, {"data": data, **metrics, "labels": names, "confusion": confusion.tolist()})
+    return metrics
+
+
+@dataclass
+class ClassifyPredictArgs(LoadedRunArgs):
+    text: str | None = field(default=None, metadata={"help": "the text to classify", "positional": True})
+    file: str | None = field(default=None, metadata={"help": "classify every line of this file instead"})
+
+
+def run_predict(args: ClassifyPredictArgs) -> list[str]:
+    """Print `label<TAB>class=probability ...<TAB>text` per text; returns the labels."""
+    if (args.text is None) == (args.file is None):
+        raise UserError("give a text to classify or --file FILE (one text per line), not both")
+    if args.file is not None:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError(f"file {path} does not exist")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        if not texts:
+            raise UserError(f"file {path} has no text to classify")
+    elif not args.text.strip():
+        raise UserError("the text to classify is empty")
+    else:
+        texts = [args.text]
+    device = resolve_device(args.device)
+    model, tokenizer, names, _ = load_classifier(args.run, device, args.checkpoint)
+    block_size = model.backbone.config.block_size
+    encoded = encode_texts(texts, tokenizer, block_size)
+    if encoded.truncated or encoded.unknown_texts:
+        print(encoded.report("input", block_size))
+    probs = predict_logits(model, encoded.ids, args.batch_size, tokenizer.eot_id, device).softmax(-1)
+    labels = [names[i] for i in probs.argmax(-1).tolist()]
+    for text, label, row in zip(texts, labels, probs.tolist()):
+        print(f"{label}\t" + " ".join(f"{n}={p:.3f}" for n, p in zip(names, row)) + f"\t{text}")
+    return labels

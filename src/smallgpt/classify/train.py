@@ -1,0 +1,328 @@
+"""`smallgpt classify train` and `ablate`: fine-tune a pretrained smallgpt run as a text classifier.
+
+The shared Trainer runs the loop (optimizer, lr schedule, AMP, checkpoints, metrics.jsonl, progress
+bar); this module supplies the batches, the cross-entropy loss, and an evaluation over the whole
+validation split whose error (1 - accuracy) picks ckpt/best and drives early stopping.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from smallgpt.classify.data import (
+    ClassifyBatches,
+    Examples,
+    encode_texts,
+    label_ids,
+    read_examples,
+    save_labels,
+    sorted_labels,
+    stratified_split,
+)
+from smallgpt.classify.evaluate import (
+    LABELS,
+    SETTINGS,
+    TEST_SPLIT,
+    evaluate_ids,
+    load_classifier,
+    report,
+)
+from smallgpt.classify.model import ClassifierConfig, GPTClassifier
+from smallgpt.config import Config, LogConfig, OptimConfig, TrainConfig
+from smallgpt.errors import UserError
+from smallgpt.generate import load_run
+from smallgpt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from smallgpt.model.gpt import ModelConfig
+from smallgpt.train.distributed import DistInfo, resolve_device
+from smallgpt.train.optim import build_optimizer
+from smallgpt.train.trainer import Trainer
+
+
+@dataclass
+class ClassifyOptions:
+    """What `train` and `ablate` share: data, backbone and optimization flags."""
+
+    data: str = field(default="", metadata={"help": "labelled CSV/TSV/JSONL file", "required": True})
+    init_from: str = field(
+        default="",
+        metadata={"help": "pretrained smallgpt run folder (its checkpoint and tokenizer)", "required": True},
+    )
+    text_column: str = field(default="text", metadata={"help": "column (or JSON key) holding the text"})
+    label_column: str = field(default="label", metadata={"help": "column (or JSON key) holding the label"})
+    delimiter: str | None = field(
+        default=None, metadata={"help": "CSV delimiter (default: sniffed; .tsv: tab)"}
+    )
+    val_data: str | None = field(
+        default=None, metadata={"help": "validation file (default: split from --data)"}
+    )
+    test_data: str | None = field(default=None, metadata={"help": "test file (default: split from --data)"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of --data held out for validation"})
+    test_fraction: float = field(default=0.1, metadata={"help": "share of --data held out for testing"})
+    out_dir: str = field(default="runs/classify", metadata={"help": "where the classify run is written"})
+    pooling: str = field(
+        default="last", metadata={"help": "last (last real token) | mean (over real tokens)"}
+    )
+    padding_side: str = field(default="right", metadata={"help": "right | left"})
+    batch_size: int = field(default=32, metadata={"help": "texts per step"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training split"})
+    max_iters: int = field(default=0, metadata={"help": "optimizer steps (0: from --epochs)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate (cosine decay to 1/10)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_iters: int = field(default=0, metadata={"help": "linear warmup steps"})
+    eval_interval: int = field(default=0, metadata={"help": "steps between evaluations (0: once per epoch)"})
+    patience: int = field(
+        default=0, metadata={"help": "stop after this many evaluations without gain (0: off)"}
+    )
+    seed: int = field(default=1337, metadata={"help": "seed of the split, the shuffle and the head"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def validate(self) -> None:
+        if self.batch_size <= 0:
+            raise UserError(f"batch-size must be positive, got {self.batch_size}")
+        for name in ("epochs", "max_iters", "learning_rate", "weight_decay", "warmup_iters", "eval_interval"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.epochs == 0 and self.max_iters == 0:
+            raise UserError("give --epochs or --max-iters a positive value")
+        if not (
+            0 <= self.val_fraction < 1
+            and 0 <= self.test_fraction < 1
+            and self.val_fraction + self.test_fraction < 1
+        ):
+            raise UserError("val-fraction and test-fraction must be in [0, 1) and leave some training data")
+        if self.val_data is None and self.val_fraction == 0:
+            raise UserError("training needs validation data: --val-data FILE or a positive --val-fraction")
+
+
+@dataclass
+class ClassifyTrainArgs(ClassifyOptions):
+    freeze_backbone: bool = field(default=False, metadata={"help": "train the head only (much faster)"})
+    mask_padding: bool = field(
+        default=True,
+        metadata={
+            "help": "hide padding from attention and pooling (--no-mask-padding: the seed's 'no mask')"
+        },
+    )
+
+    def classifier(self, num_classes: int) -> ClassifierConfig:
+        config = ClassifierConfig(
+            num_classes, self.pooling, self.mask_padding, self.freeze_backbone, self.padding_side
+        )
+        config.validate()
+        return config
+
+
+@dataclass
+class Splits:
+    train: Examples
+    val: Examples
+    test: Examples | None
+    names: list[str]  # class names in id order
+
+
+def load_splits(args: ClassifyOptions) -> Splits:
+    """Train/val/test examples: given files, else a stratified seeded split of --data."""
+
+    def read(path: str) -> Examples:
+        examples = read_examples(path, args.text_column, args.label_column, args.delimiter)
+        if examples.empty_skipped:
+            print(f"{path}: skipped {examples.empty_skipped} rows with empty text")
+        return examples
+
+    data = read(args.data)
+    names = sorted_labels(data.labels)
+    if len(names) < 2:
+        raise UserError(f"{args.data} has a single label ({names[0]!r}): a classifier needs two or more")
+    given = {"val": args.val_data, "test": args.test_data}
+    fractions = {"val": args.val_fraction, "test": args.test_fraction}
+    held_out = [split for split in ("val", "test") if given[split] is None and fractions[split] > 0]
+    parts = stratified_split(label_ids(data, names), tuple(fractions[s] for s in held_out), args.seed)
+    splits = {"train": data.subset(parts[0]), **{s: data.subset(p) for s, p in zip(held_out, parts[1:])}}
+    for split, path in given.items():
+        if path is not None:
+            splits[split] = read(path)
+            label_ids(splits[split], names)  # an unknown label is an error now, not after training
+    if not splits["val"].texts:
+        raise UserError(f"{args.data} is too small to hold out a validation split: pass --val-data")
+    return Splits(splits["train"], splits["val"], splits.get("test"), names)
+
+
+def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x, real, labels = batch
+    return F.cross_entropy(model(x, real).float(), labels)
+
+
+def trainer_config(args: ClassifyOptions, model_config: ModelConfig, train_size: int) -> Config:
+    """The shared Trainer's Config: epochs become max_iters, evaluation defaults to once per epoch."""
+    steps_per_epoch = max(1, train_size // args.batch_size)
+    max_iters = args.max_iters or math.ceil(args.epochs * steps_per_epoch)
+    return Config(
+        model=copy.deepcopy(model_config),
+        train=TrainConfig(
+            out_dir=args.out_dir,
+            batch_size=args.batch_size,
+            max_iters=max_iters,
+            eval_interval=args.eval_interval or steps_per_epoch,
+            eval_iters=1,
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+            compile=args.compile,
+        ),
+        optim=OptimConfig(
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            warmup_iters=args.warmup_iters,
+            lr_decay_iters=max_iters,
+            min_lr=args.learning_rate / 10,
+        ),
+        log=LogConfig(progress=args.progress, log_interval=max(1, min(50, max_iters // 20))),
+    )
+
+
+def write_run_files(args: ClassifyTrainArgs, splits: Splits, run_dir: Path, tokenizer_bytes: bytes) -> None:
+    """What eval/predict need besides the checkpoint: tokenizer, labels, settings, the test split."""
+    atomic_write_bytes(run_dir / "tokenizer.json", tokenizer_bytes)
+    save_labels(run_dir / LABELS, splits.names)
+    settings = {
+        "columns": {"text": args.text_column, "label": args.label_column},
+        "delimiter": args.delimiter,
+        "args": asdict(args),
+        "sizes": {"train": len(splits.train.texts), "val": len(splits.val.texts)},
+    }
+    atomic_write_json(run_dir / SETTINGS, settings)
+    if splits.test is not None and args.test_data is None:  # keep the held-out split for `classify eval`
+        column = settings["columns"]
+        lines = (
+            json.dumps({column["text"]: t, column["label"]: label}, ensure_ascii=False)
+            for t, label in zip(splits.test.texts, splits.test.labels)
+        )
+        atomic_write_text(run_dir / TEST_SPLIT, "".join(line + "\n" for line in lines))
+
+
+def train_classifier(args: ClassifyTrainArgs) -> dict[str, float]:
+    """Fine-tune, then score ckpt/best on the test split (else val); returns those metrics + seconds."""
+    args.validate()
+    device = resolve_device(args.device)
+    backbone, tokenizer = load_run(args.init_from, device)
+    block_size = backbone.config.block_size
+    splits = load_splits(args)
+    classifier = args.classifier(len(splits.names))
+    encoded = {}
+    for split in ("train", "val", "test"):
+        examples = getattr(splits, split)
+        if examples is not None:
+            encoded[split] = encode_texts(examples.texts, tokenizer, block_size)
+            print(encoded[split].report(split, block_size))
+    labels = {s: label_ids(getattr(splits, s), splits.names) for s in encoded}
+    print(f"classes: {', '.join(splits.names)}; train counts {np.bincount(labels['train']).tolist()}")
+
+    config = trainer_config(args, backbone.config, len(labels["train"]))
+    torch.manual_seed(args.seed)
+    model = GPTClassifier(backbone, classifier).to(device)
+    eot = tokenizer.eot_id
+    train_source = ClassifyBatches(
+        encoded["train"].ids, labels["train"], args.batch_size, args.seed, eot, args.padding_side, device
+    )
+
+    def evaluate_val(m: nn.Module) -> dict[str, float]:
+        metrics, _ = evaluate_ids(m, encoded["val"].ids, labels["val"], 2 * args.batch_size, eot, device)
+        return {**{f"val_{k}": v for k, v in metrics.items()}, "val_error": 1 - metrics["accuracy"]}
+
+    run_dir = Path(args.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_files(args, splits, run_dir, (Path(args.init_from) / "tokenizer.json").read_bytes())
+    trainer = Trainer(
+        config,
+        model,
+        build_optimizer(model, config.optim, device.type),
+        train_source,
+        eval_sources={},
+        run_dir=run_dir,
+        dist=DistInfo(False, 0, 0, 1, device),
+        loss_fn=classification_loss,
+        checkpoint_info={
+            "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "classifier": json.dumps(classifier.to_dict()),
+            "backbone": str(args.init_from),
+        },
+        monitor="val_error",
+        evaluate_fn=evaluate_val,
+        patience=args.patience,
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"trainable parameters: {trainable / 1e6:.3f}M; {config.train.max_iters} steps on {device}")
+    start = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - start
+
+    best, _, _, _ = load_classifier(run_dir, device)
+    final = "test" if "test" in encoded else "val"
+    metrics, confusion = evaluate_ids(
+        best, encoded[final].ids, labels[final], 2 * args.batch_size, eot, device
+    )
+    print(report(metrics, confusion, splits.names, f"{final} (ckpt/best)"))
+    result = {**metrics, "seconds": seconds, "split": final}
+    atomic_write_json(
+        run_dir / "eval.json", {**result, "labels": splits.names, "confusion": confusion.tolist()}
+    )
+    return result
+
+
+# ---- ablate ----------------------------------------------------------------------------------
+SEED_VARIANTS = ((False, False), (True, False), (True, True))  # (mask_padding, freeze_backbone)
+GRID_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
+
+
+@dataclass
+class ClassifyAblateArgs(ClassifyOptions):
+    grid: bool = field(
+        default=False, metadata={"help": "all four mask x freeze variants, not the seed's three"}
+    )
+
+
+def variant_name(mask: bool, frozen: bool) -> str:
+    return f"{'mask' if mask else 'nomask'}_{'frozen' if frozen else 'full'}"
+
+
+def run_ablate(args: ClassifyAblateArgs) -> list[dict]:
+    """Train each variant from the same pretrained run into OUT_DIR/<variant>; print a Markdown table."""
+    rows = []
+    shared = {f.name: getattr(args, f.name) for f in fields(ClassifyOptions)}
+    for mask, frozen in GRID_VARIANTS if args.grid else SEED_VARIANTS:
+        name = variant_name(mask, frozen)
+        print(f"\n=== {name} ===")
+        variant = ClassifyTrainArgs(
+            **{**shared, "out_dir": str(Path(args.out_dir) / name)}, mask_padding=mask, freeze_backbone=frozen
+        )
+        rows.append({"variant": name, "mask": mask, "frozen": frozen, **train_classifier(variant)})
+    print("\n" + ablation_table(rows))
+    atomic_write_json(Path(args.out_dir) / "ablation.json", rows)
+    return rows
+
+
+def ablation_table(rows: list[dict]) -> str:
+    lines = [
+        "| mask padding | frozen backbone | accuracy | macro-F1 | time (s) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        yes_no = {True: "yes", False: "no"}
+        lines.append(
+            f"| {yes_no[r['mask']]} | {yes_no[r['frozen']]} | {100 * r['accuracy']:.1f}% "
+            f"| {r['macro_f1']:.3f} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,260 @@
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smallgpt.classify.data import (
+    collate,
+    encode_texts,
+    label_ids,
+    read_examples,
+    sorted_labels,
+    stratified_split,
+)
+from smallgpt.classify.evaluate import confusion_matrix, scores
+from smallgpt.classify.model import ClassifierConfig, GPTClassifier
+from smallgpt.classify.train import ClassifyTrainArgs, train_classifier
+from smallgpt.cli import main
+from smallgpt.data.tokenizers import CharTokenizer, save_tokenizer
+from smallgpt.errors import UserError
+from smallgpt.model.gpt import GPT, ModelConfig
+from smallgpt.train import checkpoint
+
+ALPHABET = "abcxyz .,"
+TINY = dict(block_size=24, n_layer=2, n_head=2, n_embd=32)
+
+
+def make_backbone_run(run_dir, **overrides):
+    """A smallgpt run folder with a random tiny char GPT, as `smallgpt train` would leave it."""
+    tokenizer = CharTokenizer(ALPHABET)
+    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY, **overrides})
+    tags = {"tokenizer_fingerprint": tokenizer.fingerprint()}
+    checkpoint.save_checkpoint(run_dir / "ckpt" / "best", GPT(config), config, {}, tags)
+    return run_dir
+
+
+def synthetic_rows(n, seed=0):
+    """Separable: class 'abc' texts use only a/b/c, class 'xyz' only x/y/z; 3 to 30 characters,
+    so some exceed block_size 24 and are truncated."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "abc" if i % 2 else "xyz"
+        rows.append((label, "".join(rng.choice(label) for _ in range(rng.randint(3, 30)))))
+    return rows
+
+
+def write_csv(path, rows, header=("label", "review"), delimiter=","):
+    lines = [delimiter.join(header)] + [delimiter.join(row) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A classifier trained through the CLI on the synthetic task, with its backbone and data."""
+    root = tmp_path_factory.mktemp("classify")
+    backbone = make_backbone_run(root / "backbone")
+    data = write_csv(root / "reviews.csv", synthetic_rows(300) + [("abc", "")])  # one empty text
+    run = root / "cls"
+    code = main(
+        [
+            "classify",
+            "train",
+            "--data",
+            str(data),
+            "--text-column",
+            "review",
+            "--init-from",
+            str(backbone),
+            "--out-dir",
+            str(run),
+            "--epochs",
+            "4",
+            "--learning-rate",
+            "3e-3",
+            "--batch-size",
+            "16",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]  # fmt: skip
+    )
+    assert code == 0
+    return {"root": root, "backbone": backbone, "data": data, "run": run}
+
+
+# ---- the model -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "padding_side,pos_emb,pooling",
+    [
+        ("right", "learned", "last"),
+        ("left", "rope", "last"),
+        ("right", "learned", "mean"),
+        ("left", "rope", "mean"),
+    ],
+)
+def test_masked_padding_gives_the_unpadded_logits(padding_side, pos_emb, pooling):
+    # with right padding real tokens keep their positions; left padding shifts them, which rotary
+    # (relative) positions do not notice, so both sides must match a lone forward pass exactly
+    torch.manual_seed(0)
+    backbone = GPT(ModelConfig(vocab_size=12, pos_emb=pos_emb, **TINY))
+    model = GPTClassifier(backbone, ClassifierConfig(3, pooling, padding_side=padding_side)).eval()
+    texts = [np.array([3, 4, 5, 6, 7, 8, 9]), np.array([2, 5]), np.array([11, 10, 9, 8])]
+    x, real = collate(texts, pad_id=0, padding_side=padding_side, device=torch.device("cpu"))
+    assert real.sum(1).tolist() == [7, 2, 4]
+    with torch.no_grad():
+        batched = model(x, real)
+        for row, ids in enumerate(texts):
+            alone = torch.from_numpy(ids)[None]
+            torch.testing.assert_close(
+                batched[row], model(alone, torch.ones_like(alone, dtype=torch.bool))[0]
+            )
+
+
+def test_without_mask_padding_changes_the_logits():
+    # the seed's "no mask" variant: the model is not told where padding is, so padding matters
+    torch.manual_seed(0)
+    model = GPTClassifier(
+        GPT(ModelConfig(vocab_size=12, **TINY)), ClassifierConfig(2, mask_padding=False)
+    ).eval()
+    texts = [np.array([3, 4, 5, 6, 7]), np.array([2, 5])]
+    x, real = collate(texts, pad_id=0, padding_side="right", device=torch.device("cpu"))
+    with torch.no_grad():
+        padded = model(x, real)[1]
+        alone = model(x[1:, :2], real[1:, :2])[0]
+    assert not torch.allclose(padded, alone)
+
+
+def test_frozen_backbone_is_bit_identical_after_training(tmp_path):
+    backbone_run = make_backbone_run(tmp_path / "backbone", dropout=0.1)
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
+    before = checkpoint.load_model(backbone_run / "ckpt" / "best").state_dict()
+    args = ClassifyTrainArgs(
+        data=str(data), init_from=str(backbone_run), out_dir=str(tmp_path / "cls"), freeze_backbone=True,
+        epochs=2, batch_size=8, learning_rate=1e-2, progress=False, device="cpu",
+    )  # fmt: skip
+    train_classifier(args)
+    # the saved classifier's backbone.* tensors must equal the pretrained run's, bit for bit
+    weights = load_file(str(tmp_path / "cls" / "ckpt" / "last" / "model.safetensors"))
+    assert "head.weight" in weights
+    for name, tensor in before.items():
+        if name != "lm_head.weight":
+            assert torch.equal(weights[f"backbone.{name}"], tensor), name
+    head_init = torch.zeros(2)  # the head's bias starts at zero; training must have moved it
+    assert not torch.equal(weights["head.bias"], head_init)
+
+
+def test_patience_stops_when_val_accuracy_stops_improving(tmp_path):
+    backbone_run = make_backbone_run(tmp_path / "backbone")
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
+    args = ClassifyTrainArgs(
+        data=str(data), init_from=str(backbone_run), out_dir=str(tmp_path / "cls"), max_iters=400,
+        eval_interval=4, patience=2, batch_size=8, learning_rate=3e-3, progress=False, device="cpu",
+    )  # fmt: skip
+    train_classifier(args)
+    events = [json.loads(line) for line in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals[-1]["iter"] < 400
+    errors = [e["val_error"] for e in evals]
+    # it stopped two evaluations after the last new best (a tie is no improvement)
+    last_best = errors.index(min(errors))
+    assert len(evals) - 1 - last_best == 2
+
+
+# ---- training, eval and predict through the CLI ------------------------------------------------
+def test_separable_task_reaches_full_accuracy(trained, capsys):
+    run = trained["run"]
+    result = json.loads((run / "eval.json").read_text())
+    assert result["split"] == "test" and result["accuracy"] >= 0.97
+    assert json.loads((run / "labels.json").read_text()) == {"labels": ["abc", "xyz"]}
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m["event"] == "eval"]
+    assert evals[-1]["val_accuracy"] >= 0.97 and "val_macro_f1" in evals[-1]
+    assert main(["classify", "eval", "--run", str(run), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "true \\ predicted" in out
+    assert json.loads((run / "eval.json").read_text())["confusion"]
+
+
+def test_predict_a_text_and_a_file(trained, capsys, tmp_path):
+    run = str(trained["run"])
+    assert main(["classify", "predict", "--run", run, "--device", "cpu", "abcabcab"]) == 0
+    label, probs, text = capsys.readouterr().out.strip().split("\t")
+    assert label == "abc" and text == "abcabcab" and probs.startswith("abc=")
+    lines = tmp_path / "texts.txt"
+    lines.write_text("xyzzyx\n\nacbca\nxyq\n", encoding="utf-8")  # 'q' is unseen: <|unk|>
+    assert main(["classify", "predict", "--run", run, "--device", "cpu", "--file", str(lines)]) == 0
+    out = capsys.readouterr().out
+    labels = [line.split("\t")[0] for line in out.splitlines() if "\t" in line]
+    assert labels[:2] == ["xyz", "abc"] and len(labels) == 3
+    assert "1 with unseen characters" in out
+
+
+def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
+    run, backbone, data = str(trained["run"]), str(trained["backbone"]), str(trained["data"])
+    cases = []
+    missing = ["classify", "train", "--data", data, "--text-column", "text", "--init-from", backbone]
+    cases.append((missing, ["'text'", "'label', 'review'", data]))
+    unknown = write_csv(tmp_path / "unknown.csv", [("abc", "abc"), ("neutral", "cab")])
+    cases.append((["classify", "eval", "--run", run, "--data", str(unknown)], ["'neutral'", str(unknown)]))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    cases.append(
+        (["classify", "train", "--data", str(empty), "--init-from", backbone], [str(empty), "empty"])
+    )
+    for argv, needles in cases:
+        assert main([*argv, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        for needle in needles:
+            assert needle in err
+
+
+# ---- reading labelled data -------------------------------------------------------------------
+def test_reads_other_delimiters_tsv_and_jsonl_with_string_or_int_labels(tmp_path):
+    rows = [("2", "第一条;好"), ("10", "第二条"), ("2", "  "), ("1", "第三条")]
+    semicolon = tmp_path / "d.csv"
+    semicolon.write_text("label|review\n" + "\n".join("|".join(r) for r in rows) + "\n", encoding="utf-8")
+    examples = read_examples(semicolon, "review", "label")
+    assert examples.texts == ["第一条;好", "第二条", "第三条"] and examples.empty_skipped == 1
+    assert sorted_labels(examples.labels) == ["1", "2", "10"]  # integers sort as numbers
+    tsv = write_csv(tmp_path / "d.tsv", [("pos", "good, nice"), ("neg", "bad")], delimiter="\t")
+    assert read_examples(tsv, "review", "label").texts == ["good, nice", "bad"]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('{"t": "好", "y": 1}\n\n{"t": "坏", "y": 0}\n{"t": "", "y": 0}\n', encoding="utf-8")
+    examples = read_examples(jsonl, "t", "y")
+    assert examples.labels == ["1", "0"] and examples.empty_skipped == 1
+    assert label_ids(examples, sorted_labels(examples.labels)).tolist() == [1, 0]
+    with pytest.raises(UserError, match="'label' not found .* line 2"):
+        jsonl.write_text('{"t": "a", "label": 1}\n{"t": "b"}\n')
+        read_examples(jsonl, "t", "label")
+
+
+def test_stratified_split_keeps_class_proportions():
+    labels = np.array([0] * 80 + [1] * 20)
+    train, val, test = stratified_split(labels, (0.1, 0.2), seed=3)
+    assert (np.bincount(labels[val]).tolist(), np.bincount(labels[test]).tolist()) == ([8, 2], [16, 4])
+    assert len(set(train) | set(val) | set(test)) == 100
+    again = stratified_split(labels, (0.1, 0.2), seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
+
+
+def test_encoding_truncates_to_the_start_and_counts_unknown_characters():
+    tokenizer = CharTokenizer("abc")
+    encoded = encode_texts(["abcabc", "ab", "aq"], tokenizer, block_size=4)
+    assert encoded.truncated == 1 and encoded.unknown_texts == 1
+    assert tokenizer.decode(encoded.ids[0].tolist()) == "abca"
+
+
+def test_metrics_accuracy_macro_f1_confusion():
+    confusion = confusion_matrix(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0]), 3)
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    result = scores(confusion)
+    assert result["accuracy"] == pytest.approx(0.6)
+    assert result["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
