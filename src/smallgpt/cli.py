@@ -92,6 +92,7 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "interactive_continue",
         "interactive: type a beginning, the model continues it",
     ),
+    "chat": Verb("smallgpt.chat.repl", "ChatArgs", "chat", "talk to a model trained on chat data"),
 }
 TRAIN_HELP = "train a GPT from a YAML or nanoGPT-style .py config file and --key=value overrides"
 

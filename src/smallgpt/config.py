@@ -23,6 +23,7 @@ from smallgpt.model.gpt import ModelConfig
 @dataclass
 class DataConfig:
     dataset: str = ""  # a prepared data folder, or a name under data/ (nanoGPT's `dataset`)
+    loss_on: str = "all"  # all | bot: chat data's loss only on bot turns (its <split>.mask.bin)
 
 
 @dataclass
@@ -115,6 +116,8 @@ class Config:
             raise UserError(f"config init_from must be scratch or resume, got {t.init_from!r}")
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
+        if self.data.loss_on not in ("all", "bot"):
+            raise UserError(f"config loss_on must be all or bot, got {self.data.loss_on!r}")
         if not self.data.dataset:
             raise UserError("config dataset is not set: pass --dataset=DATA_DIR (made by smallgpt prepare)")
 
