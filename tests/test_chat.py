@@ -272,3 +272,21 @@ def test_chat_cli_scripted_session(chat_run):
 def test_chat_cli_errors(chat_run, tmp_path):
     done = smallgpt("chat", "--run", str(chat_run), "--max-new-tokens", "40", "--message", "hi")
     assert done.returncode == 2 and done.stderr.startswith("error: max-new-tokens 40 leaves no room")
+
+
+def test_loss_on_picks_the_mask(chat_run, tmp_path):
+    from smallgpt.train.distributed import init_distributed
+    from smallgpt.train.run import samplers
+
+    def train_sampler(data, loss_on):
+        config = load_config(None, [f"--dataset={data}", "--block_size=16", f"--loss_on={loss_on}"])
+        meta = json.loads((data / "meta.json").read_text())
+        return samplers(config, data, meta, init_distributed("cpu"))[0]
+
+    chat_data = chat_run.parent / "data"
+    assert train_sampler(chat_data, "all").mask is None  # the mask file is ignored
+    assert train_sampler(chat_data, "bot").next_batch()[2].any()
+    (tmp_path / "plain.txt").write_text("just some text, no dialogue at all. " * 20)
+    run_prepare(PrepareArgs(input=str(tmp_path / "plain.txt"), out=str(tmp_path / "text")))
+    with pytest.raises(UserError, match=r"loss_on=bot needs .*train.mask.bin"):
+        train_sampler(tmp_path / "text", "bot")

@@ -32,6 +32,8 @@ def join_spaced(text: str) -> str:
     ("I love you" stays), since a run of single letters is a word LCCC spelled out.
     """
     words = text.split()
+    if all(len(w) == 1 for w in words):  # the usual LCCC utterance: nothing to keep apart
+        return "".join(words)
     out = words[:1]
     for prev, word in zip(words, words[1:]):
         if (len(prev) > 1 or len(word) > 1) and _is_word_char(prev[-1]) and _is_word_char(word[0]):
