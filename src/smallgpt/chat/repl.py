@@ -19,7 +19,9 @@ from smallgpt.chat.format import BOT, USER, ChatFormat, Turn, keep_recent
 from smallgpt.data.tokenizers import UNK
 from smallgpt.errors import UserError
 from smallgpt.generate import Generator, SamplingOptions, StreamDecoder
+from smallgpt.train import checkpoint
 
+MAX_REPLY = 128  # default longest reply, in tokens, when the context has room for it
 COMMANDS_HELP = "commands: /reset forgets the conversation, /history shows it, /quit ends"
 
 
@@ -27,7 +29,10 @@ COMMANDS_HELP = "commands: /reset forgets the conversation, /history shows it, /
 class ChatArgs(SamplingOptions):
     run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
     message: str | None = field(default=None, metadata={"help": "print the reply to this message and exit"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest reply, in tokens"})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": f"longest reply, in tokens (none: half the model's context, at most {MAX_REPLY})"},
+    )
     top_k: int | None = field(default=50, metadata={"help": "keep only the k most likely tokens (none: off)"})
     repetition_penalty: float = field(
         default=1.1, metadata={"help": "above 1 makes tokens already in the context less likely"}
@@ -59,9 +64,11 @@ class ChatSession:
         return first + 1 if first < len(self.turns) and self.turns[first][0].role == BOT else first
 
     def reply(self, text: str, out: TextIO) -> str | None:
-        """Stream the bot's answer to `text` to `out`; None if the message cannot be used."""
+        """Stream the bot's answer to `text` to `out`, one line; None (an empty line) if the message
+        cannot be used, so piped input still gets one line per message."""
         user = self._encode_user(text)
         if user is None:
+            out.write("\n")
             return None
         self.turns.append((Turn(USER, text), user))
         context = [ids for _, ids in self.turns[self.in_context() :]]
@@ -105,6 +112,9 @@ class ChatSession:
 def chat(args: ChatArgs, stdin: TextIO | None = None, out: TextIO | None = None) -> None:
     """Talk to a chat run: one `--message`, or a conversation read from the terminal or stdin."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
+    if args.max_new_tokens is None:
+        ckpt = checkpoint.find_checkpoint(args.run, args.checkpoint)
+        args.max_new_tokens = min(MAX_REPLY, checkpoint.read_model_config(ckpt).block_size // 2)
     session = ChatSession(Generator(args.run, args), lambda line: print(line, file=sys.stderr))
     if args.message is not None:
         session.reply(args.message.strip(), out)
