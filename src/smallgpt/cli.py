@@ -93,6 +93,7 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "interactive: type a beginning, the model continues it",
     ),
     "chat": Verb("smallgpt.chat.repl", "ChatArgs", "chat", "talk to a model trained on chat data"),
+    "export": Verb("smallgpt.model.hf", "ExportArgs", "export", "write a run as a transformers folder"),
 }
 TRAIN_HELP = "train a GPT from a YAML or nanoGPT-style .py config file and --key=value overrides"
 

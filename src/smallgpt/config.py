@@ -29,7 +29,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
-    init_from: str = "scratch"  # scratch | resume
+    init_from: str = "scratch"  # scratch | resume | gpt2[-medium|-large|-xl] | a Hugging Face folder
     batch_size: int = 12  # sequences per micro-step
     gradient_accumulation_steps: int = 1
     max_iters: int = 5000
@@ -113,7 +113,13 @@ class Config:
                 f"config n_embd ({self.model.n_embd}) must be divisible by n_head ({self.model.n_head})"
             )
         if t.init_from not in ("scratch", "resume"):
-            raise UserError(f"config init_from must be scratch or resume, got {t.init_from!r}")
+            from smallgpt.model.hf import HUB_MODELS  # conversion code only for pretrained starts
+
+            if t.init_from not in HUB_MODELS and not Path(t.init_from).is_dir():
+                raise UserError(
+                    f"config init_from must be scratch, resume, {', '.join(HUB_MODELS)} or a Hugging Face "
+                    f"model folder, got {t.init_from!r}"
+                )
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         if self.data.loss_on not in ("all", "bot"):

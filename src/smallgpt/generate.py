@@ -30,6 +30,18 @@ def load_run(run_dir: str | Path, device: torch.device, which: str = "best") -> 
     return model, tokenizer
 
 
+def load_source(run: str, options: SamplingOptions, device: torch.device) -> tuple[GPT, Tokenizer]:
+    """A run's checkpoint (--run), or Hugging Face weights such as OpenAI's GPT-2 (--init-from)."""
+    if bool(run) == bool(options.init_from):
+        raise UserError("pass either --run DIR or --init-from (gpt2, ..., gpt2-xl or a Hugging Face folder)")
+    if run:
+        return load_run(run, device, options.checkpoint)
+    from smallgpt.model import hf  # conversion code only when asked for
+
+    pretrained = hf.open_pretrained(options.init_from)
+    return pretrained.model().to(device).eval(), pretrained.tokenizer
+
+
 class StreamDecoder:
     """Turns token ids into text pieces; holds back ids that end inside a multi-byte character."""
 
@@ -75,6 +87,12 @@ class SamplingOptions:
         default=True,
         metadata={"help": "reuse past keys/values (faster; --no-kv-cache to turn off)"},
     )
+    init_from: str = field(
+        default="",
+        metadata={
+            "help": "instead of --run: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a transformers folder"
+        },
+    )
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
@@ -93,7 +111,7 @@ class SamplingOptions:
 
 @dataclass
 class SampleArgs(SamplingOptions):
-    run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
+    run: str = field(default="", metadata={"help": "run folder made by smallgpt train (or --init-from)"})
     start: str = field(
         default="\n", metadata={"help": "text to start from, or FILE:path to read it from a file"}
     )
@@ -107,16 +125,21 @@ class Generator:
         options.validate()
         self.options = options
         self.device = resolve_device(options.device)
-        self.model, self.tokenizer = load_run(run, self.device, options.checkpoint)
+        self.model, self.tokenizer = load_source(run, options, self.device)
         self.rng = torch.Generator(device=self.device).manual_seed(options.seed)
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
         return ids or [self.tokenizer.eot_id]  # an empty start means "a new document"
 
+    def suppress_ids(self, stop_ids: tuple[int, ...]) -> tuple[int, ...]:
+        """Special tokens the model must not produce: all but the ones that end the text."""
+        return tuple(i for i in self.tokenizer.special_tokens.values() if i not in stop_ids)
+
     def stream(self, ids: Sequence[int], stop_ids: tuple[int, ...] | None = None) -> Iterator[int]:
         """Yield new token ids after `ids`, stopping at end-of-text (or the given stop ids)."""
         o = self.options
+        stop_ids = (self.tokenizer.eot_id,) if stop_ids is None else stop_ids
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         for token in self.model.generate_stream(
             idx,
@@ -124,7 +147,8 @@ class Generator:
             temperature=o.temperature,
             top_k=o.top_k,
             top_p=o.top_p,
-            stop_ids=(self.tokenizer.eot_id,) if stop_ids is None else stop_ids,
+            stop_ids=stop_ids,
+            suppress_ids=self.suppress_ids(stop_ids),
             generator=self.rng,
             use_cache=o.kv_cache,
             repetition_penalty=o.repetition_penalty,
@@ -156,8 +180,9 @@ def read_start(start: str) -> str:
         raise UserError(f"start file {path} is not valid UTF-8 text") from None
 
 
-def sample(args: SampleArgs, out: TextIO = sys.stdout) -> None:
+def sample(args: SampleArgs, out: TextIO | None = None) -> None:
     """Print num_samples continuations of the start text, like nanoGPT's sample.py."""
+    out = out or sys.stdout
     if args.num_samples <= 0:
         raise UserError(f"num-samples must be positive, got {args.num_samples}")
     gen = Generator(args.run, args)
@@ -172,14 +197,15 @@ def sample(args: SampleArgs, out: TextIO = sys.stdout) -> None:
 
 @dataclass
 class ContinueArgs(SamplingOptions):
-    run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
+    run: str = field(default="", metadata={"help": "run folder made by smallgpt train (or --init-from)"})
     max_new_tokens: int = field(default=200, metadata={"help": "tokens to generate per continuation"})
 
 
 def interactive_continue(
-    args: ContinueArgs, read: Callable[[str], str] = input, out: TextIO = sys.stdout
+    args: ContinueArgs, read: Callable[[str], str] = input, out: TextIO | None = None
 ) -> None:
     """Type a beginning; the model continues it; then [c]ontinue, [n]ew start or [q]uit."""
+    out = out or sys.stdout
     gen = Generator(args.run, args)
     out.write("Type the beginning of a text (empty line: a new document). Ctrl-D quits.\n")
     try:

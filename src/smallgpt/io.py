@@ -15,6 +15,7 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temp file in the same folder and an `os.replace`."""
     path = Path(path)

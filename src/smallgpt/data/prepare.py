@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from tqdm import tqdm
 
 from smallgpt.data.sources import Source, open_source
 from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, check_kind, save_tokenizer
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir, atomic_write_json, resolve_dir
+from smallgpt.progress import progress_bar
 
 META_FORMAT_VERSION = 1
 BATCH_CHARS = 8 << 20  # text tokenized per batch: big enough for threads, small enough for memory
@@ -126,7 +126,7 @@ def scan(source: Source, kind: str) -> tuple[Tokenizer, Counts]:
     counts = Counts()
 
     def texts() -> Iterator[str]:
-        with tqdm(total=source.total_bytes(), unit="B", unit_scale=True, desc="scan") as bar:
+        with progress_bar(total=source.total_bytes(), unit="B", unit_scale=True, desc="scan") as bar:
             for text, ends in source.segments():
                 n = len(text.encode("utf-8"))
                 counts.documents += ends
@@ -149,7 +149,7 @@ def write_splits(
     routed = _route(source.segments(), counts, args.val_fraction, args.seed)
     files = {split: open(folder / f"{split}.bin", "wb") for split in SPLITS}
     try:
-        with tqdm(total=counts.bytes, unit="B", unit_scale=True, desc="tokenize") as bar:
+        with progress_bar(total=counts.bytes, unit="B", unit_scale=True, desc="tokenize") as bar:
             for batch in _batches(routed, BATCH_CHARS):
                 _write_batch(batch, tok, dtype, files, stats)
                 bar.update(sum(n for _, _, _, n in batch))

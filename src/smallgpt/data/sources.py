@@ -22,10 +22,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
-
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir
+from smallgpt.progress import progress_bar
 
 EOT = "<|endoftext|>"
 CHUNK_BYTES = 4 << 20
@@ -290,7 +289,7 @@ def _download(url: str, dest: Path, sha256: str | None = None) -> Path:
 def _copy_url(url: str, out, label: str) -> None:
     with urllib.request.urlopen(url, timeout=30) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}") as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=f"downloading {label}") as bar:
             while block := resp.read(1 << 20):
                 out.write(block)
                 bar.update(len(block))

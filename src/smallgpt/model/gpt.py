@@ -29,6 +29,7 @@ class ModelConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
     norm: str = "layernorm"  # layernorm | rmsnorm
     mlp: str = "gelu"  # gelu (GPT-2) | swiglu (gated SiLU, as Llama)
+    gelu_approx: str = "none"  # none (exact GELU) | tanh (OpenAI GPT-2's approximation, for its weights)
     pos_emb: str = "learned"  # learned (GPT-2) | rope (rotary)
     rope_theta: float = 10000.0
     qk_norm: bool = False  # normalise queries and keys per head before attention
@@ -43,7 +44,8 @@ class ModelConfig:
             raise UserError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("pos_emb", POS_EMBS)):
+        options = (("norm", NORMS), ("mlp", MLPS), ("pos_emb", POS_EMBS), ("gelu_approx", GELU_APPROX))
+        for name, allowed in options:
             if getattr(self, name) not in allowed:
                 raise UserError(
                     f"model {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
@@ -53,17 +55,24 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def mlp_hidden(self) -> int:
+        # a gated MLP has three matrices; 8/3 * n_embd hidden keeps the parameter count of 4 * n_embd
+        return 4 * self.n_embd if self.mlp != "swiglu" else 16 * math.ceil(8 * self.n_embd / 3 / 16)
+
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POS_EMBS = ("learned", "rope")
+GELU_APPROX = ("none", "tanh")
+NORM_EPS = 1e-5  # of LayerNorm and RMSNorm, as GPT-2
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or config.n_embd
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-5)
-    return nn.LayerNorm(dim, bias=config.bias)
+        return nn.RMSNorm(dim, eps=NORM_EPS)
+    return nn.LayerNorm(dim, eps=NORM_EPS, bias=config.bias)
 
 
 def rotary_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,8 +155,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gated = config.mlp == "swiglu"
-        # a gated MLP has three matrices; 8/3 * n_embd hidden keeps the parameter count of 4 * n_embd
-        hidden = 4 * config.n_embd if not self.gated else 16 * math.ceil(8 * config.n_embd / 3 / 16)
+        self.gelu_approx = config.gelu_approx
+        hidden = config.mlp_hidden
         self.c_fc = nn.Linear(config.n_embd, hidden * (2 if self.gated else 1), bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -158,7 +167,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approx)
         return self.dropout(self.c_proj(h))
 
 
@@ -285,15 +294,17 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         stop_ids: tuple[int, ...] = (),
+        suppress_ids: tuple[int, ...] = (),
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         repetition_penalty: float = 1.0,
     ) -> Iterator[torch.Tensor]:
         """Yield new tokens one at a time, (B,) each, for prompts idx (B, T).
 
-        Stops after max_new_tokens or once every row has produced a stop id. temperature 0 is
-        greedy. Contexts longer than block_size keep their last 3/4 block_size tokens when the cache
-        fills (the cache is re-filled from them), or the last block_size tokens without a cache.
+        Stops after max_new_tokens or once every row has produced a stop id; never produces a
+        suppressed id (e.g. the unknown-character token). temperature 0 is greedy. Contexts longer
+        than block_size keep their last 3/4 block_size tokens when the cache fills (the cache is
+        re-filled from them), or the last block_size tokens without a cache.
         """
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache, context = None, idx
@@ -309,6 +320,8 @@ class GPT(nn.Module):
                     feed = context[:, -1:]
                 logits, _ = self(feed, kv_cache=cache)
             logits = logits[:, -1, :].float()
+            if suppress_ids:
+                logits[:, list(suppress_ids)] = float("-inf")
             if repetition_penalty != 1.0:
                 logits = penalize_repeats(logits, context, repetition_penalty)
             next_id = sample_next(logits, temperature, top_k, top_p, generator)

@@ -9,7 +9,7 @@ import torch
 from smallgpt.config import Config, save_config
 from smallgpt.data.loader import BatchSampler, open_mask, open_split
 from smallgpt.data.prepare import load_meta
-from smallgpt.data.tokenizers import load_tokenizer
+from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_write_bytes, atomic_write_json, resolve_dir
 from smallgpt.model.gpt import GPT, ModelConfig
@@ -86,6 +86,23 @@ def resume_checkpoint(config: Config, run_dir: Path, fingerprint: str) -> Path |
     return ckpt
 
 
+def pretrained_model(config: Config, tokenizer: Tokenizer, data_dir: Path) -> GPT | None:
+    """init_from=gpt2... or a Hugging Face folder: its weights, cropped to block_size, our dropout."""
+    if config.train.init_from in ("scratch", "resume"):
+        return None
+    from smallgpt.model import hf  # conversion code only when asked for
+
+    pretrained = hf.open_pretrained(config.train.init_from)
+    if pretrained.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise UserError(
+            f"init_from={config.train.init_from} needs data prepared with its tokenizer "
+            f"(--tokenizer {pretrained.tokenizer.kind}); {data_dir} was prepared with {tokenizer.kind}"
+        )
+    model = pretrained.model(config.model.block_size, config.model.dropout)
+    config.model = model.config  # the architecture is the pretrained model's
+    return model
+
+
 def train(config: Config) -> dict[str, float]:
     """Train per `config`; returns the final evaluation metrics."""
     config.validate()
@@ -104,9 +121,10 @@ def _train(config: Config, info: DistInfo) -> dict[str, float]:
         raise UserError(f"{data_dir}/tokenizer.json does not match its meta.json: prepare the data again")
     run_dir = Path(config.train.out_dir)
     ckpt = resume_checkpoint(config, run_dir, tokenizer.fingerprint())
+    pretrained = pretrained_model(config, tokenizer, data_dir)
     fit_vocab(config.model, tokenizer.vocab_size, data_dir)
     torch.manual_seed(config.train.seed + info.rank)
-    model = GPT(config.model).to(info.device)
+    model = (pretrained if pretrained is not None else GPT(config.model)).to(info.device)
     optimizer = build_optimizer(model, config.optim, info.device.type)
     train_source, eval_sources = samplers(config, data_dir, meta, info)
     trainer = Trainer(

@@ -19,11 +19,11 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 from smallgpt.config import Config
 from smallgpt.data.loader import Batch
 from smallgpt.errors import UserError
+from smallgpt.progress import progress_bar
 from smallgpt.train import checkpoint
 from smallgpt.train.distributed import DistInfo
 from smallgpt.train.logging import MetricsLogger
@@ -235,12 +235,8 @@ class Trainer:
         """Train until max_iters (or max_seconds); returns the last evaluation's metrics."""
         t, main = self.config.train, self.dist.is_main
         logger = MetricsLogger(self.run_dir, self.config, resume=self.resumed) if main else None
-        bar = tqdm(
-            total=t.max_iters,
-            initial=self.iter_num,
-            disable=not (main and self.config.log.progress) or None,
-            unit="it",
-            dynamic_ncols=True,
+        bar = progress_bar(
+            main and self.config.log.progress, total=t.max_iters, initial=self.iter_num, unit="it"
         )
         log = bar.write if main else (lambda _line: None)
         if t.eval_only:

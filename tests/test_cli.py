@@ -1,0 +1,240 @@
+"""The command line end to end: the happy path, and every bad input as one line with exit code 2."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smallgpt.cli import main
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TINY = [
+    "--block_size=32",
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--batch_size=4",
+    "--eval_iters=2",
+    "--learning_rate=3e-3",
+    "--warmup_iters=0",
+    "--progress=false",
+    "--device=cpu",
+]
+
+
+def smallgpt(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run(
+        [sys.executable, "-m", "smallgpt", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def assert_user_error(capsys, args: list[str], *fragments: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, shared_data):
+    """A tiny char model on tiny shakespeare, trained through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    data, run = root / "data", root / "run"
+    assert (
+        main(["prepare", "--input", str(shared_data / "tinyshakespeare" / "input.txt"), "--out", str(data)])
+        == 0
+    )
+    args = ["train", f"--dataset={data}", f"--out_dir={run}", "--max_iters=30", "--eval_interval=15", *TINY]
+    assert main(args) == 0
+    return data, run
+
+
+def test_sample_prints_text_like_the_corpus(trained, capsys):
+    _, run = trained
+    capsys.readouterr()
+    assert (
+        main(
+            ["sample", "--run", str(run), "--start", "ROMEO:", "--num-samples", "2", "--max-new-tokens", "40"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    samples = out.split("---------------")
+    assert len(samples) == 3 and samples[0].startswith("ROMEO:")
+    assert len(samples[0]) > 20
+
+
+def test_sampling_is_reproducible_by_seed(trained, capsys):
+    _, run = trained
+    outputs = []
+    for seed in ("1", "1", "2"):
+        capsys.readouterr()
+        main(["sample", "--run", str(run), "--num-samples", "1", "--max-new-tokens", "60", "--seed", seed])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+
+
+def test_kv_cache_and_full_recompute_sample_the_same_text(trained, capsys):
+    _, run = trained
+    texts = []
+    for flag in ("--kv-cache", "--no-kv-cache"):
+        capsys.readouterr()
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--num-samples",
+                "1",
+                "--max-new-tokens",
+                "25",
+                "--temperature",
+                "0",
+                flag,
+            ]
+        )
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+
+
+def test_start_from_file_and_continue_session(trained, tmp_path):
+    _, run = trained
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("KING:\n")
+    result = smallgpt(
+        "sample",
+        "--run",
+        str(run),
+        "--start",
+        f"FILE:{prompt}",
+        "--num-samples",
+        "1",
+        "--max-new-tokens",
+        "10",
+    )
+    assert result.returncode == 0 and result.stdout.startswith("KING:\n")
+    session = smallgpt(
+        "continue", "--run", str(run), "--max-new-tokens", "12", stdin="First\nc\nn\nSecond\nq\n"
+    )
+    assert session.returncode == 0, session.stderr
+    assert (
+        session.stdout.count("[c]ontinue") == 3 and "First" in session.stdout and "Second" in session.stdout
+    )
+
+
+def test_unknown_character_in_start_is_a_clear_error(trained, capsys):
+    _, run = trained
+    assert_user_error(capsys, ["sample", "--run", str(run), "--start", "西游记"], "西")
+
+
+@pytest.mark.parametrize(
+    "make, fragments",
+    [
+        (lambda d: d / "missing.txt", ["does not exist"]),
+        (lambda d: (d / "empty.txt").write_text("") and d / "empty.txt" or d / "empty.txt", ["empty"]),
+        (
+            lambda d: (d / "bad.txt").write_bytes(b"ok\n\xff\xfe broken") and d / "bad.txt",
+            ["not valid UTF-8"],
+        ),
+    ],
+    ids=["missing", "empty", "undecodable"],
+)
+def test_prepare_bad_input(tmp_path, capsys, make, fragments):
+    path = make(tmp_path)
+    out = tmp_path / "out"
+    assert_user_error(
+        capsys, ["prepare", "--input", str(path), "--out", str(out)], str(path.name), *fragments
+    )
+    assert not out.exists()
+
+
+def test_bad_input_through_a_real_process_has_no_traceback(tmp_path):
+    result = smallgpt("prepare", "--input", str(tmp_path / "nope.txt"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("--n_layr=2", "did you mean 'n_layer'"),
+        ("--batch_size=-4", "batch_size must be positive"),
+        ("--n_embd=0", "n_embd must be positive"),
+        ("--n_embd=33", "divisible by n_head"),
+        ("--block_size=5000", "fewer than block_size"),
+    ],
+)
+def test_train_bad_config(trained, tmp_path, capsys, override, fragment):
+    data, _ = trained
+    run = tmp_path / "run"
+    assert_user_error(capsys, ["train", f"--dataset={data}", f"--out_dir={run}", *TINY, override], fragment)
+    assert not (run / "ckpt").exists()
+
+
+def test_corpus_shorter_than_context(tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("To be, or not to be.\n")
+    assert main(["prepare", "--input", str(text), "--out", str(tmp_path / "d")]) == 0
+    assert_user_error(
+        capsys, ["train", f"--dataset={tmp_path / 'd'}", *TINY], "fewer than block_size", "train.bin"
+    )
+
+
+def test_missing_dataset_and_config_file(capsys, tmp_path):
+    assert_user_error(capsys, ["train", f"--dataset={tmp_path / 'none'}", *TINY], "not found")
+    assert_user_error(capsys, ["train", str(tmp_path / "none.yaml")], "none.yaml", "does not exist")
+
+
+def test_sample_from_run_without_checkpoint(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert_user_error(capsys, ["sample", "--run", str(tmp_path / "run")], "no checkpoint")
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest)
+    return dest
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_checkpoint(trained, tmp_path, capsys, damage):
+    run = copy_run(trained[1], tmp_path / "run")
+    for name in ("best", "last"):
+        weights = run / "ckpt" / name / "model.safetensors"
+        blob = weights.read_bytes()
+        weights.write_bytes(blob[: len(blob) // 2] if damage == "truncate" else b"\x00garbage" * 100)
+    assert_user_error(capsys, ["sample", "--run", str(run)], "model.safetensors", "corrupted")
+
+
+def test_truncated_training_state_cannot_resume(trained, tmp_path, capsys):
+    data, original = trained
+    run = copy_run(original, tmp_path / "run")
+    state = run / "ckpt" / "last" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    args = ["train", f"--dataset={data}", f"--out_dir={run}", "--init_from=resume", "--max_iters=40", *TINY]
+    assert_user_error(capsys, args, "state.pt", "corrupted")
+
+
+def test_tokenizer_that_does_not_match_the_checkpoint(trained, tmp_path, capsys, shared_data):
+    data, original = trained
+    run = copy_run(original, tmp_path / "run")
+    other = tmp_path / "xiyouji"
+    assert (
+        main(["prepare", "--input", str(shared_data / "chinese_novel" / "xiyouji.txt"), "--out", str(other)])
+        == 0
+    )
+    (run / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
+    assert_user_error(capsys, ["sample", "--run", str(run)], "tokenizer.json", "not the tokenizer")
+    args = ["train", f"--dataset={other}", f"--out_dir={run}", "--init_from=resume", "--max_iters=40", *TINY]
+    assert_user_error(capsys, args, "different tokenizer")
