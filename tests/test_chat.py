@@ -35,12 +35,12 @@ QA = [("你好", "你好呀"), ("吃了吗", "吃过了"), ("再见", "拜拜")]
 
 
 def chat_tokenizer(kind: str):
-    tok = build_tokenizer(kind, [t.text for t in CONVERSATION])
+    tok = build_tokenizer(kind, [t.text for t in CONVERSATION] * 20)
     tok.add_special_tokens(CHAT_TOKENS)
     return tok
 
 
-@pytest.mark.parametrize("kind", ["char", "gpt2"])
+@pytest.mark.parametrize("kind", ["char", "gpt2", "bpe:300"])
 def test_round_trip_and_saved_tokenizer(kind):
     tok = chat_tokenizer(kind)
     fmt = ChatFormat(tok)

@@ -171,7 +171,6 @@ def test_bad_input_through_a_real_process_has_no_traceback(tmp_path):
         ("--batch_size=-4", "batch_size must be positive"),
         ("--n_embd=0", "n_embd must be positive"),
         ("--n_embd=33", "divisible by n_head"),
-        ("--block_size=5000", "fewer than block_size"),
     ],
 )
 def test_train_bad_config(trained, tmp_path, capsys, override, fragment):

@@ -91,3 +91,10 @@ def test_saved_config_loads_back(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_is_valid(path):
     load_config(path).validate()
+
+
+def test_fsdp_accepts_only_adamw():
+    config = load_config(None, ["--dataset=x", "--parallel=fsdp", "--optimizer=muon"])
+    with pytest.raises(UserError, match="does not support parallel=fsdp"):
+        config.validate()
+    load_config(None, ["--dataset=x", "--parallel=fsdp"]).validate()

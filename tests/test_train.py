@@ -50,8 +50,11 @@ def test_training_lowers_loss_and_writes_the_run(char_data, tmp_path):
     assert {"loss", "lr", "tokens_per_sec", "ms_per_iter"} <= set(events[1])
 
 
-def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "sophiag", "muon"])
+def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, optimizer):
     common = [
+        f"--optimizer={optimizer}",
+        "--hessian_interval=3",  # sophiag: Hessian estimates on both sides of the interruption
         "--eval_interval=10",
         "--lr_decay_iters=40",
         "--warmup_iters=5",

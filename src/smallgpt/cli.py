@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import types
 import typing
@@ -37,7 +38,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = meta.get("help", "")
         if meta.get("positional"):
-            parser.add_argument(f.name, nargs="?", default=default, help=help_text)
+            many = kind is list or typing.get_origin(kind) is list
+            parser.add_argument(f.name, nargs="*" if many else "?", default=default, help=help_text)
             continue
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         if kind is bool:
@@ -93,16 +95,49 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "interactive: type a beginning, the model continues it",
     ),
     "chat": Verb("smallgpt.chat.repl", "ChatArgs", "chat", "talk to a model trained on chat data"),
+    "plot": Verb("smallgpt.experiments.plot", "PlotArgs", "plot", "draw train/val loss curves of runs"),
+    "export-metrics": Verb(
+        "smallgpt.experiments.metrics",
+        "ExportArgs",
+        "export_metrics",
+        "write a run's metrics as CSV or XLSX",
+    ),
+    "compare": Verb(
+        "smallgpt.experiments.compare",
+        "CompareArgs",
+        "compare",
+        "train config variants on the same budget; table + loss-curve PNG",
+    ),
     "export": Verb("smallgpt.model.hf", "ExportArgs", "export", "write a run as a transformers folder"),
 }
 TRAIN_HELP = "train a GPT from a YAML or nanoGPT-style .py config file and --key=value overrides"
 
 
+def pop_nproc(args: list[str]) -> tuple[int, list[str]]:
+    """`--nproc N` / `--nproc=N` (processes to launch; not a config key) and the remaining arguments."""
+    for i, arg in enumerate(args):
+        if arg == "--nproc" or arg.startswith("--nproc="):
+            value = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            if not value.isdigit() or int(value) < 1:
+                raise UserError(f"--nproc needs a positive number of processes, got {value!r}")
+            return int(value), args[:i] + args[i + (1 if "=" in arg else 2) :]
+    return 1, args
+
+
 def train_command(args: list[str]) -> None:
-    """`smallgpt train [CONFIG] [--key=value ...]`: argparse would reject the free-form keys."""
+    """`smallgpt train [CONFIG] [--key=value ...] [--nproc N]`: argparse would reject the free-form keys."""
     from smallgpt.config import load_config
     from smallgpt.train.run import train
 
+    nproc, args = pop_nproc(args)
+    if nproc > 1:  # become torchrun, which starts N copies of `smallgpt train` without --nproc
+        from smallgpt.train.distributed import torchrun_command
+
+        if "RANK" in os.environ:
+            raise UserError("--nproc launches torchrun itself: drop it when starting under torchrun")
+        command = torchrun_command(nproc, args)
+        sys.stdout.flush()
+        os.execv(command[0], command)
     path = args[0] if args and not args[0].startswith("--") else None
     train(load_config(path, args[1:] if path is not None else args))
 
@@ -141,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", nargs="?", help="a YAML or .py config file")
+    train.add_argument("--nproc", type=int, default=1, help="processes to start on this machine (torchrun)")
     for name, verb in COMMANDS.items():
         if isinstance(verb, Verb):
             _add_verb(verbs, name, verb)

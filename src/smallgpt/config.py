@@ -43,20 +43,25 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on capable GPUs, fp32 on CPU)
     compile: bool = False
     backend: str = "auto"  # distributed backend: auto | nccl | gloo
+    parallel: str = "ddp"  # under torchrun: ddp (a model copy per process) | fsdp (sharded, FSDP2)
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | sophiag | muon
     learning_rate: float = 6e-4
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float | None = None  # None: the optimizer's default (adamw 0.9, 0.95; sophiag 0.965, 0.99)
+    beta2: float | None = None
     grad_clip: float = 1.0  # 0 disables clipping
     decay_lr: bool = True
     warmup_iters: int = 100
     lr_decay_iters: int = 5000
     min_lr: float = 6e-5
+    rho: float = 0.04  # sophiag: clipping threshold of the Hessian-preconditioned step
+    hessian_interval: int = 10  # sophiag: steps between Hessian estimates
+    muon_lr: float = 0.02  # muon: peak lr of the hidden matrices (scheduled like learning_rate)
+    muon_momentum: float = 0.95
 
 
 @dataclass
@@ -124,6 +129,11 @@ class Config:
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         if self.data.loss_on not in ("all", "bot"):
             raise UserError(f"config loss_on must be all or bot, got {self.data.loss_on!r}")
+        if t.parallel not in ("ddp", "fsdp"):
+            raise UserError(f"config parallel must be ddp or fsdp, got {t.parallel!r}")
+        if t.parallel == "fsdp" and self.optim.optimizer != "adamw":
+            # Muon orthogonalises whole matrices and Sophia was not checked on shards: refuse, don't guess
+            raise UserError(f"optimizer {self.optim.optimizer} does not support parallel=fsdp; use adamw")
         if not self.data.dataset:
             raise UserError("config dataset is not set: pass --dataset=DATA_DIR (made by smallgpt prepare)")
 

@@ -39,7 +39,7 @@ def prepare_chat(args: PrepareArgs, fmt: str) -> dict[str, Any]:
     print(f"dialogues: {counts.documents:,}, characters: {counts.characters:,}")
     print(f"vocab size: {tok.vocab_size:,} (with the chat tokens {', '.join(CHAT_TOKENS)})")
 
-    out = Path(args.out or Path("data") / f"{source.name}_chat_{args.tokenizer}")
+    out = Path(args.out or Path("data") / f"{source.name}_chat_{args.tokenizer.replace(':', '')}")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with atomic_dir(out) as tmp:
         stats, chat = _write_splits(source, fmt, tok, counts, args, dtype, tmp)

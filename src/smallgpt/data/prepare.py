@@ -2,7 +2,7 @@
 
 Three explicit stages, each streaming so memory stays bounded whatever the corpus size:
   1. open the source (local files or a download),
-  2. scan it once: count documents and characters, and collect the vocabulary for "char",
+  2. scan it once: count documents and characters, and learn the vocabulary ("char", "bpe:N"),
   3. tokenize batches of documents and append them to the split files, inside a temp folder
      that replaces the output folder only when everything succeeded.
 Every document is followed by the end-of-text id, so training samples can see where texts end.
@@ -46,7 +46,10 @@ class PrepareArgs:
         default=None,
         metadata={"help": "read the text from this .txt file or folder (e.g. a copy you downloaded)"},
     )
-    tokenizer: str = field(default="char", metadata={"help": "char or gpt2"})
+    tokenizer: str = field(
+        default="char",
+        metadata={"help": "char, gpt2, or bpe:N (a byte-level BPE of N ids trained on the corpus)"},
+    )
     val_fraction: float = field(
         default=0.1, metadata={"help": "share of documents held out for validation (0 to 0.5)"}
     )
@@ -92,7 +95,7 @@ def run_prepare(args: PrepareArgs) -> dict[str, Any]:
     print(f"length of dataset in characters: {counts.characters:,}")
     print(f"vocab size: {tok.vocab_size:,}")
 
-    out = Path(args.out or Path("data") / f"{source.name}_{args.tokenizer}")
+    out = Path(args.out or Path("data") / f"{source.name}_{args.tokenizer.replace(':', '')}")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with atomic_dir(out) as tmp:
         stats = write_splits(source, tok, counts, args, dtype, tmp)
@@ -122,7 +125,7 @@ def _data_format(args: PrepareArgs) -> str:
 
 
 def scan(source: Source, kind: str) -> tuple[Tokenizer, Counts]:
-    """Stage 2: one pass that counts the corpus and, for "char", collects its characters."""
+    """Stage 2: one pass that counts the corpus and builds the vocabulary ("char", "bpe:N")."""
     counts = Counts()
 
     def texts() -> Iterator[str]:

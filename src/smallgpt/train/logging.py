@@ -22,9 +22,6 @@ class MetricsLogger:
     """Appends one JSON object per event to metrics.jsonl and forwards scalars to the backends."""
 
     def __init__(self, run_dir: str | Path, config: Config, resume: bool = False):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a" if resume else "w", encoding="utf-8")
         self._tensorboard = None
         self._wandb = None
         if config.log.tensorboard:
@@ -43,6 +40,10 @@ class MetricsLogger:
                 resume="allow" if resume else None,
             )
             self._wandb = wandb
+        # opened last: a missing backend package stops the run before anything is written
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a" if resume else "w", encoding="utf-8")
 
     def log(self, event: str, **values: Any) -> None:
         record = {"event": event, "time": round(time.time(), 3), **values}

@@ -24,7 +24,7 @@ from smallgpt.config import Config
 from smallgpt.data.loader import Batch
 from smallgpt.errors import UserError
 from smallgpt.progress import progress_bar
-from smallgpt.train import checkpoint
+from smallgpt.train import checkpoint, distributed
 from smallgpt.train.distributed import DistInfo
 from smallgpt.train.logging import MetricsLogger
 from smallgpt.train.schedule import lr_at
@@ -92,12 +92,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.wrapped = self.model
-        if t.compile:
-            self.wrapped = torch.compile(self.wrapped)
-        if self.dist.ddp:
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.wrapped = nn.parallel.DistributedDataParallel(self.wrapped, device_ids=device_ids)
         # the global batch is the same whatever the process count: ranks split the micro-steps
         if t.gradient_accumulation_steps % self.dist.world_size:
             raise UserError(
@@ -105,6 +99,9 @@ class Trainer:
                 f"the number of processes ({self.dist.world_size})"
             )
         self.accum_steps = t.gradient_accumulation_steps // self.dist.world_size
+        # ranks split the evaluation batches too: each draws world_size batches and keeps its own
+        self.eval_iters = math.ceil(t.eval_iters / self.dist.world_size)
+        self.wrapped = distributed.wrap_model(self.model, self.optimizer, self.dist, t.parallel, t.compile)
         self.tokens_per_iter = t.batch_size * self.config.model.block_size * t.gradient_accumulation_steps
         self.peak_flops = peak_flops(self.device)
         self.resumed = False
@@ -126,36 +123,39 @@ class Trainer:
 
     def save(self, name: str) -> None:
         rng = self._all_ranks(self._rng_state())  # every rank's RNG, so all of them resume exactly
-        if not self.dist.is_main:
+        main = self.dist.is_main
+        weights, optimizer_state = checkpoint.full_training_state(self.model, self.optimizer, main)
+        if not main:
             return
         state = {
             "iter_num": self.iter_num,
             "best_metric": self.best_metric,
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.train_seconds,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "config": self.config.to_dict(),
             **self.checkpoint_info,
         }
         tags = {k: v for k, v in self.checkpoint_info.items() if isinstance(v, str)}
-        checkpoint.save_checkpoint(self.run_dir / "ckpt" / name, self.model, self.config.model, state, tags)
+        checkpoint.write_checkpoint(self.run_dir / "ckpt" / name, weights, self.config.model, state, tags)
 
     def resume(self, ckpt_dir: Path) -> dict[str, Any]:
         """Load weights and the full training state from a checkpoint written by `save`."""
         state = checkpoint.load_state(ckpt_dir)
-        checkpoint.load_weights(ckpt_dir, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # per-rank RNG states and the optimizer state's layout (FSDP's is keyed by name) must match
+        saved = (len(state["rng"]), state["config"]["train"].get("parallel", "ddp"))
+        if saved != (self.dist.world_size, self.config.train.parallel):
+            raise UserError(
+                f"checkpoint {ckpt_dir} was written by {saved[0]} processes with parallel={saved[1]}: "
+                "resume it with as many processes and the same parallel"
+            )
+        checkpoint.load_training_state(ckpt_dir, self.model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.iter_num, self.best_metric = state["iter_num"], state["best_metric"]
         self.tokens_seen, self.train_seconds = state["tokens_seen"], state["train_seconds"]
-        ranks = state["rng"]
-        if len(ranks) != self.dist.world_size:
-            raise UserError(
-                f"checkpoint {ckpt_dir} was written by {len(ranks)} processes; resume it with as many"
-            )
-        rng = ranks[self.dist.rank]
+        rng = state["rng"][self.dist.rank]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -171,13 +171,11 @@ class Trainer:
         results: dict[str, float] = {}
         for split, make_source in self.eval_sources.items():
             source = make_source()
-            losses = torch.zeros(self.config.train.eval_iters, device=self.device)
-            for k in range(self.config.train.eval_iters):
+            losses = torch.zeros(self.eval_iters, device=self.device)
+            for k in range(self.eval_iters):
                 with self.autocast():
                     losses[k] = self.loss_fn(self.model, source.next_batch()).float()
-            loss = losses.mean()
-            if self.dist.ddp:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            loss = distributed.mean_over_ranks(losses.mean(), self.dist)
             results[f"{split}_loss"] = loss.item()
             if split in self.bytes_per_token:
                 results[f"{split}_bpb"] = loss.item() / math.log(2) / self.bytes_per_token[split]
@@ -195,8 +193,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for micro in range(steps):
             batch = self.train_source.next_batch()
-            if self.dist.ddp:  # all-reduce gradients only once, on the last micro-step's backward
-                self.wrapped.require_backward_grad_sync = micro == steps - 1
+            if self.dist.ddp:  # reduce gradients only once, in the last micro-step's backward
+                distributed.set_grad_sync(self.wrapped, micro == steps - 1)
             with self.autocast():
                 loss = self.loss_fn(self.wrapped, batch) / steps
             self.scaler.scale(loss).backward()
@@ -207,14 +205,35 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        hessian_interval = getattr(self.optimizer, "hessian_interval", 0)
+        if hessian_interval and (self.iter_num + 1) % hessian_interval == 0:
+            self.estimate_hessian(batch)
         return total
+
+    def estimate_hessian(self, batch: Batch) -> None:
+        """Sophia's Gauss-Newton-Bartlett estimate: the gradient of the loss on labels sampled from
+        the model's own predictions; the optimizer squares it into its diagonal Hessian EMA."""
+        x, y, mask = batch
+        with self.autocast():
+            logits = self.wrapped(x, y)[0]  # with targets, the model returns every position's logits
+        sampled = torch.distributions.Categorical(logits=logits.float().detach()).sample()
+        if mask is not None:  # only where the real loss counts (e.g. chat: the bot's turns)
+            sampled = sampled.masked_fill(~mask.bool(), -1)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), sampled.flatten(), ignore_index=-1)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # fp16: keep small grads
+        (loss * scale).backward()
+        tokens = int((sampled >= 0).sum())
+        self.optimizer.update_hessian(tokens=tokens, grad_scale=scale)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _done(self) -> bool:
         t = self.config.train
         out_of_time = t.max_seconds > 0 and self.train_seconds >= t.max_seconds
         return self.iter_num >= t.max_iters or out_of_time
 
-    def _eval_and_save(self, logger: MetricsLogger | None, log: Callable[[str], None]) -> dict:
+    def _eval_and_save(
+        self, logger: MetricsLogger | None, log: Callable[[str], None], save: bool = True
+    ) -> dict:
         """Evaluate, log, and write ckpt/best on improvement and ckpt/last; returns the metrics."""
         metrics = self.evaluate()
         improved = metrics.get(self.monitor, math.inf) < self.best_metric
@@ -224,7 +243,7 @@ class Trainer:
         log(f"step {self.iter_num}: {line}")
         if logger is not None:
             logger.log("eval", iter=self.iter_num, tokens=self.tokens_seen, **metrics)
-        if self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
+        if save and self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
             if improved:
                 self.save("best")
             if improved or self.config.train.always_save_checkpoint or self._done():
@@ -239,18 +258,17 @@ class Trainer:
             main and self.config.log.progress, total=t.max_iters, initial=self.iter_num, unit="it"
         )
         log = bar.write if main else (lambda _line: None)
-        if t.eval_only:
-            metrics = self.evaluate()
-            log(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            return metrics
         first, metrics = True, {}
         self.model.train()
         window_start, window_iters = time.perf_counter(), 0  # ms/iter averages over a log window
         try:
+            if t.eval_only:
+                return self._eval_and_save(logger, log, save=False)
             while True:
                 self.set_lr(lr_at(self.iter_num, self.config.optim))
                 at_eval = self.iter_num % t.eval_interval == 0 or self._done()
-                if at_eval and not (first and self.resumed):
+                # a resumed run was evaluated at this very step before it stopped, unless it is done
+                if at_eval and not (first and self.resumed and not self._done()):
                     metrics = self._eval_and_save(logger, log)
                     window_start, window_iters = time.perf_counter(), 0  # eval time is not training
                 if self._done():
@@ -259,12 +277,15 @@ class Trainer:
                 step_start = time.perf_counter()
                 loss = self.train_step()
                 self.train_seconds += time.perf_counter() - step_start
+                if t.max_seconds > 0:  # every rank must stop at the same iteration
+                    self.train_seconds = distributed.rank0_value(self.train_seconds, self.dist)
                 self.tokens_seen += self.tokens_per_iter
                 self.iter_num += 1
                 window_iters += 1
                 bar.update(1)
                 if (self.iter_num - 1) % self.config.log.log_interval == 0:
-                    loss_value = loss.item()  # waits for the GPU, so only when logging
+                    # the global batch's loss; .item() waits for the GPU, so only when logging
+                    loss_value = distributed.mean_over_ranks(loss, self.dist).item()
                     seconds = (time.perf_counter() - window_start) / window_iters
                     self._log_step(logger, log, loss_value, seconds)
                     window_start, window_iters = time.perf_counter(), 0
@@ -281,10 +302,12 @@ class Trainer:
             flops = checkpoint.unwrap(self.model).flops_per_token() * tokens_per_sec
             mfu = flops / (self.peak_flops * self.dist.world_size)
         lr = self.optimizer.param_groups[0]["lr"]
+        extra = getattr(self.optimizer, "log_metrics", dict)()  # e.g. sophiag's win_rate
         mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
+        extra_text = "".join(f", {k} {v:.3f}" for k, v in extra.items())
         log(
             f"iter {self.iter_num - 1}: loss {loss:.4f}, lr {lr:.2e}, {1000 * elapsed:.1f} ms, "
-            f"{tokens_per_sec:,.0f} tok/s{mfu_text}"
+            f"{tokens_per_sec:,.0f} tok/s{mfu_text}{extra_text}"
         )
         if logger is not None:
             logger.log(
@@ -296,4 +319,5 @@ class Trainer:
                 ms_per_iter=1000 * elapsed,
                 tokens_per_sec=tokens_per_sec,
                 mfu=mfu,
+                **extra,
             )

@@ -1,0 +1,1 @@
+"""Looking at runs: loss curves (`plot`), spreadsheets (`export-metrics`), and sweeps (`compare`)."""
