@@ -94,6 +94,7 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "interactive_continue",
         "interactive: type a beginning, the model continues it",
     ),
+    "chat": Verb("smallgpt.chat.repl", "ChatArgs", "chat", "talk to a model trained on chat data"),
     "plot": Verb("smallgpt.experiments.plot", "PlotArgs", "plot", "draw train/val loss curves of runs"),
     "export-metrics": Verb(
         "smallgpt.experiments.metrics",

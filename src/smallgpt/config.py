@@ -23,6 +23,7 @@ from smallgpt.model.gpt import ModelConfig
 @dataclass
 class DataConfig:
     dataset: str = ""  # a prepared data folder, or a name under data/ (nanoGPT's `dataset`)
+    loss_on: str = "all"  # all | bot: chat data's loss only on bot turns (its <split>.mask.bin)
 
 
 @dataclass
@@ -126,6 +127,8 @@ class Config:
                 )
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
+        if self.data.loss_on not in ("all", "bot"):
+            raise UserError(f"config loss_on must be all or bot, got {self.data.loss_on!r}")
         if t.parallel not in ("ddp", "fsdp"):
             raise UserError(f"config parallel must be ddp or fsdp, got {t.parallel!r}")
         if t.parallel == "fsdp" and self.optim.optimizer != "adamw":

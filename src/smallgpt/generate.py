@@ -77,6 +77,9 @@ class SamplingOptions:
         default=None,
         metadata={"help": "nucleus sampling: keep the smallest set with this total probability"},
     )
+    repetition_penalty: float = field(
+        default=1.0, metadata={"help": "above 1 makes tokens already in the context less likely"}
+    )
     seed: int = field(default=1337, metadata={"help": "random seed, for reproducible samples"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     checkpoint: str = field(default="best", metadata={"help": "which checkpoint of the run: best | last"})
@@ -100,6 +103,8 @@ class SamplingOptions:
             raise UserError(f"top-k must be positive, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition-penalty must be positive, got {self.repetition_penalty}")
         if self.checkpoint not in ("best", "last"):
             raise UserError(f"checkpoint must be best or last, got {self.checkpoint!r}")
 
@@ -146,6 +151,7 @@ class Generator:
             suppress_ids=self.suppress_ids(stop_ids),
             generator=self.rng,
             use_cache=o.kv_cache,
+            repetition_penalty=o.repetition_penalty,
         ):
             yield int(token[0])  # generate_stream ends right after a stop id
 

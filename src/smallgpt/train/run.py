@@ -47,7 +47,9 @@ def samplers(config: Config, data_dir: Path, meta: dict, info: DistInfo):
 
     def sampler(split: str, seed: int) -> BatchSampler:
         tokens = open_split(data_dir, split, meta["dtype"])
-        mask = open_mask(data_dir, split, len(tokens))
+        mask = open_mask(data_dir, split, len(tokens)) if config.data.loss_on == "bot" else None
+        if config.data.loss_on == "bot" and mask is None:
+            raise UserError(f"loss_on=bot needs {data_dir}/{split}.mask.bin: prepare it with --format chat")
         name = str(data_dir / f"{split}.bin")
         return BatchSampler(
             tokens, block, t.batch_size, seed, info.device, mask, name, info.rank, info.world_size
