@@ -18,6 +18,7 @@ from pathlib import Path
 from common import SHARED_DATA, machine, markdown_table, prepare_once, today
 
 from smallgpt.config import load_config
+from smallgpt.train import checkpoint
 from smallgpt.train.run import train
 
 
@@ -38,10 +39,10 @@ def main() -> None:
         metrics = train(config)
         wall = time.perf_counter() - start
         events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        train_seconds = checkpoint.load_state(run_dir / "ckpt" / "last")["train_seconds"]
 
     steps = [e for e in events if e["event"] == "train"][1:]  # the first step includes warm-up work
     tokens_per_sec = statistics.median(e["tokens_per_sec"] for e in steps)
-    train_seconds = sum(e["ms_per_iter"] for e in steps) / 1000 * config.log.log_interval
     print()
     print(f"{args.config} {' '.join(overrides)} on {machine()}, {today()}")
     print(
@@ -50,7 +51,7 @@ def main() -> None:
                 "iters",
                 "tokens",
                 "tokens/s (median)",
-                "train s (approx)",
+                "train s (no eval)",
                 "wall s",
                 "val loss",
                 "val bits/byte",
