@@ -10,7 +10,6 @@ Every document is followed by the end-of-text id, so training samples can see wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections import deque
@@ -24,7 +23,7 @@ import numpy as np
 from smallgpt.data.sources import Source, open_source
 from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, check_kind, save_tokenizer
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_dir, atomic_write_json, resolve_dir
+from smallgpt.io import atomic_dir, atomic_write_json, resolve_dir, sha256_file
 from smallgpt.progress import progress_bar
 
 META_FORMAT_VERSION = 1
@@ -268,7 +267,7 @@ def _meta(
     args: PrepareArgs,
     dtype: type,
 ) -> dict[str, Any]:
-    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in source.files]
+    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in source.files]
     return {
         "format_version": META_FORMAT_VERSION,
         "source": source.name,
@@ -282,13 +281,6 @@ def _meta(
         "counts": {"characters": counts.characters, **stats},
     }
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_meta(data_dir: str | Path) -> dict[str, Any]:

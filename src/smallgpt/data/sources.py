@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import codecs
 import difflib
-import hashlib
 import os
 import re
 import subprocess
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_dir
+from smallgpt.io import atomic_dir, sha256_file
 from smallgpt.progress import progress_bar
 
 EOT = "<|endoftext|>"
@@ -267,14 +266,14 @@ def _offline_error(what: str, reason: object) -> UserError:
 
 def _download(url: str, dest: Path, sha256: str | None = None) -> Path:
     """`url` saved at `dest` (through a temp file and a rename) unless it is already there."""
-    if dest.exists() and (sha256 is None or _sha256(dest) == sha256):
+    if dest.exists() and (sha256 is None or sha256_file(dest) == sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as out:
             _copy_url(url, out, dest.name)
-        if sha256 is not None and _sha256(Path(tmp)) != sha256:
+        if sha256 is not None and sha256_file(Path(tmp)) != sha256:
             raise UserError(f"download of {url} is corrupt (sha256 mismatch); deleted it")
         os.replace(tmp, dest)
     except UserError:
@@ -294,13 +293,6 @@ def _copy_url(url: str, out, label: str) -> None:
                 out.write(block)
                 bar.update(len(block))
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fetch_tinyshakespeare(cache: Path) -> list[Path]:
