@@ -16,7 +16,7 @@ from smallgpt.classify.data import (
 )
 from smallgpt.classify.evaluate import confusion_matrix, scores
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier
-from smallgpt.classify.train import ClassifyTrainArgs, train_classifier
+from smallgpt.classify.train import ClassifyTrainArgs, load_splits, train_classifier
 from smallgpt.cli import main
 from smallgpt.data.tokenizers import CharTokenizer, save_tokenizer
 from smallgpt.errors import UserError
@@ -258,3 +258,17 @@ def test_metrics_accuracy_macro_f1_confusion():
     result = scores(confusion)
     assert result["accuracy"] == pytest.approx(0.6)
     assert result["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_repeated_rows_across_splits_are_reported(tmp_path, capsys):
+    rows = synthetic_rows(40, seed=1)
+    data = write_csv(tmp_path / "twice.csv", rows + rows)  # every text twice: splits share texts
+    splits = load_splits(ClassifyTrainArgs(data=str(data), text_column="review", init_from="unused"))
+    out = capsys.readouterr().out
+    val_repeats = sum(text in set(splits.train.texts) for text in splits.val.texts)
+    assert val_repeats > 0
+    assert f"warning: {val_repeats} of the {len(splits.val.texts)} val texts are also training texts" in out
+    unique_rows = [(label, f"{text}{i}") for i, (label, text) in enumerate(rows)]
+    distinct = write_csv(tmp_path / "once.csv", unique_rows)
+    load_splits(ClassifyTrainArgs(data=str(distinct), text_column="review", init_from="unused"))
+    assert "warning" not in capsys.readouterr().out

@@ -113,3 +113,11 @@ def test_events_keep_the_last_record_of_an_iteration_logged_twice(tmp_path):
 def test_compare_rejects_a_malformed_vary(config, vary, capsys):
     assert main(["compare", str(config), "--vary", vary]) == 2
     assert "--vary expects KEY=V1,V2" in capsys.readouterr().err
+
+
+def test_compare_from_the_command_line_without_set(config, tmp_path):
+    """Repeatable flags left out (no --set here) must arrive as empty lists, not None."""
+    out = tmp_path / "cli_runs"
+    assert main(["compare", str(config), "--vary", "n_layer=1", "--out", str(out)]) == 0
+    assert (out / "n_layer-1" / "metrics.jsonl").is_file()
+    assert (out / "compare.csv").is_file()

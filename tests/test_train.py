@@ -88,6 +88,26 @@ def test_max_seconds_stops_early_and_saves(char_data, tmp_path):
     assert 0 < state["iter_num"] < 100000
 
 
+def test_lr_decay_by_seconds_ends_the_cosine_at_the_time_budget(char_data, tmp_path):
+    run(
+        char_data, tmp_path / "t", "--max_iters=100000", "--max_seconds=2", "--eval_interval=1000",
+        "--lr_decay_by=seconds", "--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=5",
+        "--log_interval=1",
+    )  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["event"] == "train"]
+    assert len(lrs) > 20 and max(lrs) == pytest.approx(1e-3, rel=0.05)
+    assert lrs[-1] < 1.5e-4  # decayed to min_lr as the 2 s ran out, far from lr_decay_iters
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
+
+
+def test_lr_decay_by_seconds_needs_a_time_budget(char_data, tmp_path):
+    with pytest.raises(UserError, match="lr_decay_by=seconds needs a positive max_seconds"):
+        run(char_data, tmp_path / "t", "--lr_decay_by=seconds")
+    with pytest.raises(UserError, match="lr_decay_by must be iters or seconds"):
+        run(char_data, tmp_path / "t", "--lr_decay_by=time")
+
+
 def test_resume_without_checkpoint_is_user_error(char_data, tmp_path):
     with pytest.raises(UserError, match="no ckpt/last"):
         run(char_data, tmp_path / "none", "--max_iters=1", "--init_from=resume")
@@ -119,3 +139,6 @@ def test_lr_schedule_warmup_cosine_floor():
     assert lrs[60] == pytest.approx(0.55)  # halfway through the cosine
     assert lrs[110] == lrs[199] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    by_time = [lr_at(200, config.optim, time_used=f) for f in (0.0, 0.5, 1.0, 3.0)]
+    assert by_time == pytest.approx([1.0, 0.55, 0.1, 0.1])  # the cosine over the time budget
+    assert lr_at(3, config.optim, time_used=0.9) == lrs[3]  # warmup stays in iterations

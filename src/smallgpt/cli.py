@@ -53,7 +53,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         parse = _parse_optional(kind) if optional else kind
         if kind is list or typing.get_origin(kind) is list:
-            parser.add_argument(*names, dest=f.name, action="append", default=None, help=help_text)
+            parser.add_argument(*names, dest=f.name, action="append", default=default, help=help_text)
             continue
         parser.add_argument(
             *names,

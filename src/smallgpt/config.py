@@ -57,6 +57,7 @@ class OptimConfig:
     decay_lr: bool = True
     warmup_iters: int = 100
     lr_decay_iters: int = 5000
+    lr_decay_by: str = "iters"  # iters | seconds: the cosine ends at lr_decay_iters, or at train.max_seconds
     min_lr: float = 6e-5
     rho: float = 0.04  # sophiag: clipping threshold of the Hessian-preconditioned step
     hessian_interval: int = 10  # sophiag: steps between Hessian estimates
@@ -129,6 +130,10 @@ class Config:
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         if self.data.loss_on not in ("all", "bot"):
             raise UserError(f"config loss_on must be all or bot, got {self.data.loss_on!r}")
+        if o.lr_decay_by not in ("iters", "seconds"):
+            raise UserError(f"config lr_decay_by must be iters or seconds, got {o.lr_decay_by!r}")
+        if o.lr_decay_by == "seconds" and t.max_seconds <= 0:
+            raise UserError("config lr_decay_by=seconds needs a positive max_seconds (the budget)")
         if t.parallel not in ("ddp", "fsdp"):
             raise UserError(f"config parallel must be ddp or fsdp, got {t.parallel!r}")
         if t.parallel == "fsdp" and self.optim.optimizer != "adamw":

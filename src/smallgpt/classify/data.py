@@ -37,6 +37,12 @@ class Examples:
         return Examples([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.path)
 
 
+def shared_texts(train: Examples, other: Examples) -> int:
+    """How many of `other`'s texts are also training texts: repeated rows inflate its accuracy."""
+    seen = set(train.texts)
+    return sum(text in seen for text in other.texts)
+
+
 def _label_text(value: object) -> str:
     # JSON 1 and CSV "1" are the same label; JSON 1.0 would be "1.0" and stays distinct
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

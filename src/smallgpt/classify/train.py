@@ -26,6 +26,7 @@ from smallgpt.classify.data import (
     label_ids,
     read_examples,
     save_labels,
+    shared_texts,
     sorted_labels,
     stratified_split,
 )
@@ -157,6 +158,14 @@ def load_splits(args: ClassifyOptions) -> Splits:
             label_ids(splits[split], names)  # an unknown label is an error now, not after training
     if not splits["val"].texts:
         raise UserError(f"{args.data} is too small to hold out a validation split: pass --val-data")
+    for split in ("val", "test"):
+        repeated = shared_texts(splits["train"], splits[split]) if split in splits else 0
+        if repeated:
+            total = len(splits[split].texts)
+            print(
+                f"warning: {repeated} of the {total} {split} texts are also training texts "
+                f"(repeated rows in the data); {split} accuracy counts them"
+            )
     return Splits(splits["train"], splits["val"], splits.get("test"), names)
 
 

@@ -235,6 +235,12 @@ class Trainer:
         self.optimizer.update_hessian(tokens=tokens, grad_scale=scale)
         self.optimizer.zero_grad(set_to_none=True)
 
+    def _time_used(self) -> float | None:
+        """The fraction of max_seconds trained so far, when the lr schedule runs on time."""
+        if self.config.optim.lr_decay_by != "seconds":
+            return None
+        return self.train_seconds / self.config.train.max_seconds
+
     def _done(self) -> bool:
         t = self.config.train
         out_of_time = t.max_seconds > 0 and self.train_seconds >= t.max_seconds
@@ -276,7 +282,7 @@ class Trainer:
             if t.eval_only:
                 return self._eval_and_save(logger, log, save=False)
             while True:
-                self.set_lr(lr_at(self.iter_num, self.config.optim))
+                self.set_lr(lr_at(self.iter_num, self.config.optim, self._time_used()))
                 at_eval = self.iter_num % t.eval_interval == 0 or self._done()
                 # a resumed run was evaluated at this very step before it stopped, unless it is done
                 if at_eval and not (first and self.resumed and not self._done()):
