@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from common import SHARED_DATA, machine, markdown_table, prepare_once, today
 from smallgpt.config import load_config
 from smallgpt.experiments.metrics import events
 from smallgpt.generate import SampleArgs, sample
+from smallgpt.train import checkpoint
 from smallgpt.train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,9 +44,9 @@ def run(config: Path, data: Path, out: Path, seconds: float) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         train(load_config(config, overrides))
     best = min(events(out, "eval"), key=lambda r: r["val_loss"])
-    steps = events(out, "train")
-    speed = sorted(r["tokens_per_sec"] for r in steps[1:])[len(steps) // 2] if len(steps) > 1 else 0
-    return {**best, "last_iter": steps[-1]["iter"] if steps else 0, "tokens_per_sec": speed}
+    speeds = [r["tokens_per_sec"] for r in events(out, "train")[1:]]  # the first step warms up
+    iters = checkpoint.load_state(out / "ckpt" / "last")["iter_num"]
+    return {**best, "last_iter": iters, "tokens_per_sec": statistics.median(speeds) if speeds else 0.0}
 
 
 def main() -> None:
