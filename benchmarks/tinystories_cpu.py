@@ -6,7 +6,7 @@ Runs, each for the same training seconds (the lr decays over that budget, lr_dec
 Losses of different tokenizers are compared in bits per byte of text (val_bpb). Prints a Markdown
 table of the best validation point of each run, then samples from the tuned bpe:4096 run.
 
-Offline, the corpus is the shared TinyStories validation prefix (800 KB: 3,000 stories); it is small
+Offline, the corpus is the shared TinyStories validation prefix (800 KB: 1,000 stories); it is small
 enough that these models overfit within minutes, which the best-checkpoint figures absorb.
 
     flock /tmp/smallgpt-bench.lock .venv/bin/python benchmarks/tinystories_cpu.py --seconds 240
