@@ -265,7 +265,8 @@ def test_repeated_rows_across_splits_are_reported(tmp_path, capsys):
     data = write_csv(tmp_path / "twice.csv", rows + rows)  # every text twice: splits share texts
     splits = load_splits(ClassifyTrainArgs(data=str(data), text_column="review", init_from="unused"))
     out = capsys.readouterr().out
-    val_repeats = sum(text in set(splits.train.texts) for text in splits.val.texts)
+    train_texts = set(splits.train.texts)
+    val_repeats = sum(text in train_texts for text in splits.val.texts)
     assert val_repeats > 0
     assert f"warning: {val_repeats} of the {len(splits.val.texts)} val texts are also training texts" in out
     unique_rows = [(label, f"{text}{i}") for i, (label, text) in enumerate(rows)]

@@ -6,6 +6,7 @@ import torch
 from smallgpt.config import load_config
 from smallgpt.data.prepare import PrepareArgs, run_prepare
 from smallgpt.errors import UserError
+from smallgpt.experiments.metrics import events
 from smallgpt.train import checkpoint
 from smallgpt.train.run import train
 from smallgpt.train.schedule import lr_at
@@ -94,8 +95,7 @@ def test_lr_decay_by_seconds_ends_the_cosine_at_the_time_budget(char_data, tmp_p
         "--lr_decay_by=seconds", "--learning_rate=1e-3", "--min_lr=1e-4", "--warmup_iters=5",
         "--log_interval=1",
     )  # fmt: skip
-    records = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
-    lrs = [r["lr"] for r in records if r["event"] == "train"]
+    lrs = [r["lr"] for r in events(tmp_path / "t", "train")]
     assert len(lrs) > 20 and max(lrs) == pytest.approx(1e-3, rel=0.05)
     assert lrs[-1] < 1.5e-4  # decayed to min_lr as the 2 s ran out, far from lr_decay_iters
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
