@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from smallgpt.classify.data import (
+    ClassifyBatches,
     collate,
     encode_texts,
     label_ids,
@@ -243,6 +244,43 @@ def test_stratified_split_keeps_class_proportions():
     assert len(set(train) | set(val) | set(test)) == 100
     again = stratified_split(labels, (0.1, 0.2), seed=3)
     assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
+
+
+def make_batches(group_by_length, n=1000, batch_size=10, seed=5):
+    rng = np.random.default_rng(0)
+    ids = [np.arange(1, 1 + rng.integers(1, 200)) for _ in range(n)]
+    labels = np.arange(n)  # the label names the example, so a batch tells which texts it holds
+    cpu = torch.device("cpu")
+    return ClassifyBatches(ids, labels, batch_size, seed, 0, "right", cpu, group_by_length)
+
+
+def epoch_of_batches(batches):
+    return [batches.next_batch() for _ in range(len(batches.ids) // batches.batch_size)]
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_an_epoch_holds_every_text_once_and_resumes_exactly(group_by_length):
+    batches = make_batches(group_by_length, n=1005)  # 5 texts over whole batches: dropped this epoch
+    seen = np.concatenate([labels.numpy() for _, _, labels in epoch_of_batches(batches)])
+    assert len(seen) == len(set(seen.tolist())) == 1000
+    for _ in range(3):  # into the next epoch
+        batches.next_batch()
+    resumed = make_batches(group_by_length, n=1005)
+    resumed.load_state_dict(batches.state_dict())
+    for (x1, r1, y1), (x2, r2, y2) in zip(epoch_of_batches(batches), epoch_of_batches(resumed)):
+        assert torch.equal(x1, x2) and torch.equal(r1, r2) and torch.equal(y1, y2)
+
+
+def test_grouping_by_length_cuts_padding_and_keeps_batches_mixed():
+    def padding_and_first_batch(group_by_length):
+        epoch = epoch_of_batches(make_batches(group_by_length))
+        return sum(int((~real).sum()) for _, real, _ in epoch), epoch[0][2].tolist()
+
+    plain_padding, plain_first = padding_and_first_batch(False)
+    grouped_padding, grouped_first = padding_and_first_batch(True)
+    assert grouped_padding < plain_padding / 5
+    # batches are still drawn at random: a batch is not a run of neighbouring examples
+    assert max(grouped_first) - min(grouped_first) > 100 and grouped_first != plain_first
 
 
 def test_encoding_truncates_to_the_start_and_counts_unknown_characters():

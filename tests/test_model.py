@@ -92,3 +92,16 @@ def test_invalid_model_config_is_user_error(bad):
     values = {"block_size": 8, "vocab_size": 10, "n_layer": 1, "n_head": 2, "n_embd": 8} | bad
     with pytest.raises(UserError):
         GPT(ModelConfig(**values))
+
+
+def test_set_dropout_reaches_every_dropout_and_attention():
+    model = tiny().train()
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.equal(model(idx)[0], model(idx)[0])  # built with dropout 0: training is deterministic
+    model.set_dropout(0.5)
+    assert model.config.dropout == 0.5
+    assert all(m.p == 0.5 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    assert torch.equal(model.eval()(idx)[0], model(idx)[0])  # eval mode switches it off
+    with pytest.raises(UserError, match="dropout"):
+        model.set_dropout(1.0)

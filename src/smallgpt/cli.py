@@ -41,6 +41,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             many = kind is list or typing.get_origin(kind) is list
             parser.add_argument(f.name, nargs="*" if many else "?", default=default, help=help_text)
             continue
+        if not meta.get("required") and "default" not in help_text:  # some helps explain their default
+            help_text = f"{help_text} (default: {default!r})"
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         if kind is bool:
             parser.add_argument(
@@ -61,7 +63,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             type=parse,
             default=default,
             required=bool(meta.get("required")),
-            help=f"{help_text} (default: {default!r})" if not meta.get("required") else help_text,
+            help=help_text,
         )
 
 

@@ -221,7 +221,14 @@ def collate(
 
 
 class ClassifyBatches:
-    """Training batches: a seeded shuffle per epoch, padded per batch; resumable (epoch, position)."""
+    """Training batches: a seeded order per epoch, padded per batch; resumable (epoch, position).
+
+    With group_by_length, each window of LENGTH_WINDOW batches' worth of shuffled texts is sorted
+    by length before it is cut into batches, and the batches are then shuffled: a batch holds texts
+    of similar length, so it carries little padding, while which texts meet stays random.
+    """
+
+    LENGTH_WINDOW = 50
 
     def __init__(
         self,
@@ -232,20 +239,34 @@ class ClassifyBatches:
         pad_id: int,
         padding_side: str,
         device: torch.device,
+        group_by_length: bool = False,
     ):
         self.ids, self.labels = ids, labels
+        self.lengths = np.array([len(x) for x in ids])
         self.batch_size, self.seed = min(batch_size, len(ids)), seed
         self.pad_id, self.padding_side, self.device = pad_id, padding_side, device
+        self.group_by_length = group_by_length
         self.epoch, self.position = 0, 0
-        self._order = self._shuffle()
+        self._order = self._epoch_order()
 
-    def _shuffle(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.ids))
+    def _epoch_order(self) -> np.ndarray:
+        """This epoch's example order, whole batches only: the ragged tail is dropped, so steps are equal."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        usable = len(self.ids) // self.batch_size * self.batch_size
+        order = rng.permutation(len(self.ids))[:usable]
+        if not self.group_by_length:
+            return order
+        window = self.batch_size * self.LENGTH_WINDOW
+        for start in range(0, usable, window):
+            chunk = order[start : start + window]
+            order[start : start + window] = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+        batches = order.reshape(-1, self.batch_size)
+        return batches[rng.permutation(len(batches))].reshape(-1)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.position + self.batch_size > len(self.ids):  # drop the ragged tail: equal-sized steps
+        if self.position >= len(self._order):
             self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._shuffle()
+            self._order = self._epoch_order()
         rows = self._order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         x, real = collate([self.ids[i] for i in rows], self.pad_id, self.padding_side, self.device)
@@ -256,4 +277,4 @@ class ClassifyBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._shuffle()
+        self._order = self._epoch_order()

@@ -75,10 +75,17 @@ class ClassifyOptions:
     )
     padding_side: str = field(default="right", metadata={"help": "right | left"})
     batch_size: int = field(default=32, metadata={"help": "texts per step"})
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "batch training texts of similar length: less padding, faster steps"},
+    )
     epochs: float = field(default=3.0, metadata={"help": "passes over the training split"})
     max_iters: int = field(default=0, metadata={"help": "optimizer steps (0: from --epochs)"})
     learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate (cosine decay to 1/10)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    dropout: float | None = field(
+        default=None, metadata={"help": "dropout while fine-tuning (default: the backbone's own)"}
+    )
     warmup_iters: int = field(default=0, metadata={"help": "linear warmup steps"})
     eval_interval: int = field(default=0, metadata={"help": "steps between evaluations (0: once per epoch)"})
     patience: int = field(
@@ -227,6 +234,8 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, float]:
     args.validate()
     device = resolve_device(args.device)
     backbone, tokenizer = load_run(args.init_from, device)
+    if args.dropout is not None:
+        backbone.set_dropout(args.dropout)
     block_size = backbone.config.block_size
     splits = load_splits(args)
     classifier = args.classifier(len(splits.names))
@@ -244,7 +253,14 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, float]:
     model = GPTClassifier(backbone, classifier).to(device)
     eot = tokenizer.eot_id
     train_source = ClassifyBatches(
-        encoded["train"].ids, labels["train"], args.batch_size, args.seed, eot, args.padding_side, device
+        encoded["train"].ids,
+        labels["train"],
+        args.batch_size,
+        args.seed,
+        eot,
+        args.padding_side,
+        device,
+        args.group_by_length,
     )
 
     def evaluate_val(m: nn.Module) -> dict[str, float]:

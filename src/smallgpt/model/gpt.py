@@ -226,6 +226,16 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout rate of a built model: fine-tuning often wants more than pre-training."""
+        self.config.dropout = p
+        self.config.validate()
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, CausalSelfAttention):
+                module.dropout = p  # the attention kernel's dropout_p
+
     def hidden_states(
         self,
         idx: torch.Tensor,
