@@ -1,13 +1,14 @@
 """The seed's classification ablation on Chinese review sentiment, beside a TF-IDF baseline.
 
-1. Pre-train a small char GPT on CPU on the shared Chinese text: THUCNews articles (text column),
-   西游记, and the sentiment reviews' text without their labels.
+1. Pre-train a small char GPT (RoPE, RMSNorm, SwiGLU) on CPU on the shared Chinese text: THUCNews
+   articles (text column), 西游记, and the sentiment reviews' text without their labels.
 2. Sample a seeded, class-balanced labelled set from sentiment_zh/{pos,neg}.txt (train, val and a
    test split kept apart) and write it as CSVs. Half the lines of those files are repeats (16,548
    positive lines hold 8,379 distinct reviews, 18,576 negative ones 9,079, and 47 reviews are in
    both): each review is kept once and the 47 contradictory ones are dropped, so no test review is
    also a training review.
-3. `smallgpt classify ablate`: the seed's three variants (no mask & full, mask & full, mask & frozen).
+3. `smallgpt classify ablate`: the seed's three variants (no mask & full, mask & full, mask & frozen),
+   with length-grouped batches (--group-by-length: ~3x faster steps on CPU).
 4. TF-IDF over character 1-3-grams + logistic regression (scikit-learn, `pip install smallgpt[bench]`)
    trained on the same train split and scored on the same test split.
 Prints Markdown tables.
@@ -169,6 +170,7 @@ def main() -> None:
                 test_data=str(work / "test.csv"), init_from=str(pretrained), text_column="review",
                 out_dir=str(work / "ablate"),
                 pooling=args.pooling, epochs=args.epochs, learning_rate=args.learning_rate,
+                group_by_length=True,
                 progress=False, device="cpu", seed=args.seed,
             )
         )  # fmt: skip

@@ -76,8 +76,11 @@ class ClassifyOptions:
     padding_side: str = field(default="right", metadata={"help": "right | left"})
     batch_size: int = field(default=32, metadata={"help": "texts per step"})
     group_by_length: bool = field(
-        default=True,
-        metadata={"help": "batch training texts of similar length: less padding, faster steps"},
+        default=False,
+        metadata={
+            "help": "batch training texts of similar length: less padding, faster steps, but batches "
+            "lean to one class where text length follows the label"
+        },
     )
     epochs: float = field(default=3.0, metadata={"help": "passes over the training split"})
     max_iters: int = field(default=0, metadata={"help": "optimizer steps (0: from --epochs)"})
