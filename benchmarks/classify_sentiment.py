@@ -13,7 +13,7 @@
    trained on the same train split and scored on the same test split.
 Prints Markdown tables.
 
-    python benchmarks/classify_sentiment.py   # defaults: the README's run (pre-training 2700 s, block 256)
+    python benchmarks/classify_sentiment.py   # defaults: the README's run (pre-training 4500 s, block 256)
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED, help="folder of shared corpora")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp folder)")
-    parser.add_argument("--pretrain-seconds", type=float, default=2700, help="the lr decays over this budget")
+    parser.add_argument("--pretrain-seconds", type=float, default=4500, help="the lr decays over this budget")
     parser.add_argument("--pretrain-iters", type=int, default=100_000, help="an upper bound on steps")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--n-layer", type=int, default=4)
