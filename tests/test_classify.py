@@ -84,6 +84,9 @@ def trained(tmp_path_factory):
             "--no-progress",
             "--device",
             "cpu",
+            "--group-by-length",
+            "--dropout",
+            "0.05",
         ]  # fmt: skip
     )
     assert code == 0
@@ -174,6 +177,7 @@ def test_separable_task_reaches_full_accuracy(trained, capsys):
     result = json.loads((run / "eval.json").read_text())
     assert result["split"] == "test" and result["accuracy"] >= 0.97
     assert json.loads((run / "labels.json").read_text()) == {"labels": ["abc", "xyz"]}
+    assert checkpoint.read_model_config(run / "ckpt" / "best").dropout == 0.05  # --dropout reached the model
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if m["event"] == "eval"]
     assert evals[-1]["val_accuracy"] >= 0.97 and "val_macro_f1" in evals[-1]

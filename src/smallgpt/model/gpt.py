@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -228,8 +228,8 @@ class GPT(nn.Module):
 
     def set_dropout(self, p: float) -> None:
         """Change the dropout rate of a built model: fine-tuning often wants more than pre-training."""
+        replace(self.config, dropout=p).validate()  # a bad rate raises before anything changes
         self.config.dropout = p
-        self.config.validate()
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = p
