@@ -1,14 +1,16 @@
 """The seed's classification ablation on Chinese review sentiment, beside a TF-IDF baseline.
 
 1. Pre-train a small char GPT (RoPE, RMSNorm, SwiGLU) on CPU on the shared Chinese text: THUCNews
-   articles (text column), 西游记, and the sentiment reviews' text without their labels.
+   articles (text column), 西游记, and the sentiment reviews' text without their labels, the
+   reviews weighted 3x (--review-repeats) as the domain the classifier works in.
 2. Sample a seeded, class-balanced labelled set from sentiment_zh/{pos,neg}.txt (train, val and a
    test split kept apart) and write it as CSVs. Half the lines of those files are repeats (16,548
    positive lines hold 8,379 distinct reviews, 18,576 negative ones 9,079, and 47 reviews are in
    both): each review is kept once and the 47 contradictory ones are dropped, so no test review is
    also a training review.
 3. `smallgpt classify ablate`: the seed's three variants (no mask & full, mask & full, mask & frozen),
-   with length-grouped batches (--group-by-length: ~3x faster steps on CPU).
+   with length-grouped batches (--group-by-length: ~3x faster steps on CPU) and GPT-1's auxiliary
+   next-token loss (--lm-loss-weight 0.5).
 4. TF-IDF over character 1-3-grams + logistic regression (scikit-learn, `pip install smallgpt[bench]`)
    trained on the same train split and scored on the same test split.
 Prints Markdown tables.
@@ -36,14 +38,21 @@ def read_lines(path: Path) -> list[str]:
     return list(dict.fromkeys(line for line in lines if line))
 
 
-def write_pretraining_corpus(data: Path, out: Path, chunk: int = 2000) -> None:
+def write_pretraining_corpus(data: Path, out: Path, review_repeats: int, chunk: int = 2000) -> None:
     """One .txt of <|endoftext|>-separated documents: news articles, novel chunks, reviews."""
     news = [line.split("\t", 1)[1] for line in read_lines(data / "chinese_news" / "cnews.sample1000.txt")]
     novel = (data / "chinese_novel" / "xiyouji.txt").read_text(encoding="utf-8-sig")
     chunks = [novel[i : i + chunk] for i in range(0, len(novel), chunk)]
     reviews = read_lines(data / "sentiment_zh" / "pos.txt") + read_lines(data / "sentiment_zh" / "neg.txt")
-    # reviews in groups of 20, so documents are long enough to fill a training window
-    groups = ["\n".join(reviews[i : i + 20]) for i in range(0, len(reviews), 20)]
+    rng = random.Random(0)
+    groups = []
+    # Reviews in groups of 20, so documents are long enough to fill a training window. A group is
+    # repeated (reshuffled) inside its own document to weight the target domain: the prepare step
+    # splits train/val by document, so no review is on both sides.
+    for i in range(0, len(reviews), 20):
+        group = reviews[i : i + 20]
+        repeats = [rng.sample(group, len(group)) for _ in range(review_repeats)]
+        groups.append("\n".join(line for repeat in repeats for line in repeat))
     out.write_text("\n<|endoftext|>\n".join(news + chunks + groups), encoding="utf-8")
 
 
@@ -135,6 +144,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp folder)")
     parser.add_argument("--pretrain-seconds", type=float, default=4500, help="the lr decays over this budget")
     parser.add_argument("--pretrain-iters", type=int, default=100_000, help="an upper bound on steps")
+    parser.add_argument(
+        "--review-repeats", type=int, default=3, help="weight of the reviews in the pre-training corpus"
+    )
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-head", type=int, default=4)
@@ -144,6 +156,9 @@ def main() -> None:
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--lm-loss-weight", type=float, default=0.5, help="GPT-1's auxiliary next-token loss in fine-tuning"
+    )
     parser.add_argument("--pooling", default="mean")
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
@@ -157,7 +172,7 @@ def main() -> None:
         if (pretrained / "ckpt").is_dir():
             print(f"reusing the pre-trained run {pretrained}")
         else:
-            write_pretraining_corpus(args.data, work / "corpus.txt")
+            write_pretraining_corpus(args.data, work / "corpus.txt", args.review_repeats)
             pretrained, _ = pretrain(work / "corpus.txt", work, args)
         sizes = {"train": args.train_size, "val": args.val_size, "test": args.test_size}
         splits = labelled_splits(args.data, sizes, args.seed)
@@ -170,6 +185,7 @@ def main() -> None:
                 test_data=str(work / "test.csv"), init_from=str(pretrained), text_column="review",
                 out_dir=str(work / "ablate"),
                 pooling=args.pooling, epochs=args.epochs, learning_rate=args.learning_rate,
+                lm_loss_weight=args.lm_loss_weight,
                 group_by_length=True,
                 progress=False, device="cpu", seed=args.seed,
             )

@@ -15,7 +15,7 @@ from smallgpt.classify.data import (
     sorted_labels,
     stratified_split,
 )
-from smallgpt.classify.evaluate import confusion_matrix, scores
+from smallgpt.classify.evaluate import confusion_matrix, load_classifier, scores
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier
 from smallgpt.classify.train import ClassifyTrainArgs, load_splits, train_classifier
 from smallgpt.cli import main
@@ -133,6 +133,48 @@ def test_without_mask_padding_changes_the_logits():
         padded = model(x, real)[1]
         alone = model(x[1:, :2], real[1:, :2])[0]
     assert not torch.allclose(padded, alone)
+
+
+# without a mask, left pads are context to the text after them; right pads come after it and causal
+# attention keeps them out, so those three cases must give the unpadded loss
+@pytest.mark.parametrize("padding_side, mask_padding", [("right", True), ("left", True), ("right", False)])
+def test_next_token_loss_is_the_language_model_loss_over_the_texts(padding_side, mask_padding):
+    torch.manual_seed(0)
+    backbone = GPT(ModelConfig(vocab_size=12, pos_emb="rope", **TINY))
+    config = ClassifierConfig(2, padding_side=padding_side, mask_padding=mask_padding)
+    model = GPTClassifier(backbone, config).eval()
+    texts = [np.array([3, 4, 5, 6, 7, 8, 9]), np.array([2, 5]), np.array([11, 10, 9, 8])]
+    x, real = collate(texts, pad_id=0, padding_side=padding_side, device=torch.device("cpu"))
+    with torch.no_grad():
+        logits, lm_loss = model(x, real, with_lm_loss=True)
+        torch.testing.assert_close(logits, model(x, real))
+        # the mean over every (text token -> next text token) pair: each text's own LM loss,
+        # weighted by its number of pairs
+        alone = [backbone(torch.from_numpy(t[:-1])[None], torch.from_numpy(t[1:])[None])[1] for t in texts]
+    pairs = torch.tensor([len(t) - 1 for t in texts], dtype=torch.float32)
+    torch.testing.assert_close(lm_loss, (torch.stack(alone) * pairs).sum() / pairs.sum())
+
+
+def test_lm_loss_weight_keeps_the_backbone_a_language_model(tmp_path):
+    backbone_run = make_backbone_run(tmp_path / "backbone")
+    rows = synthetic_rows(120)
+    data = write_csv(tmp_path / "d.csv", rows, header=("label", "text"))
+    tokenizer = CharTokenizer(ALPHABET)
+    texts = [torch.tensor(tokenizer.encode(text))[None, :24] for _, text in rows]
+
+    def lm_loss_after(weight: float) -> float:
+        out = tmp_path / f"cls_{weight}"
+        args = ClassifyTrainArgs(
+            data=str(data), init_from=str(backbone_run), out_dir=str(out), lm_loss_weight=weight,
+            epochs=4, batch_size=8, learning_rate=3e-3, progress=False, device="cpu",
+        )  # fmt: skip
+        assert train_classifier(args)["accuracy"] == 1.0
+        backbone = load_classifier(out, torch.device("cpu"), "last")[0].backbone
+        with torch.no_grad():
+            return float(torch.stack([backbone(t[:, :-1], t[:, 1:])[1] for t in texts]).mean())
+
+    # a random backbone starts near log(9) = 2.2 nats; only the auxiliary loss teaches it the texts
+    assert lm_loss_after(1.0) < lm_loss_after(0.0) - 0.5
 
 
 def test_frozen_backbone_is_bit_identical_after_training(tmp_path):

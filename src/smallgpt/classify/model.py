@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from smallgpt.errors import UserError
 from smallgpt.model.gpt import GPT
@@ -87,12 +88,34 @@ class GPTClassifier(nn.Module):
             self.backbone.eval()  # a frozen backbone keeps dropout off: it is a fixed feature extractor
         return self
 
-    def forward(self, idx: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Logits (B, num_classes) for padded ids idx (B, T); real (B, T) is True at text tokens."""
+    def forward(
+        self, idx: torch.Tensor, real: torch.Tensor, with_lm_loss: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, num_classes) for padded ids idx (B, T); real (B, T) is True at text tokens.
+
+        with_lm_loss also returns the backbone's next-token loss over the texts, GPT-1's auxiliary
+        fine-tuning objective: it keeps the backbone a language model while it learns the labels.
+        """
+        text = real
         if not self.config.mask_padding:
             real = torch.ones_like(real)  # the seed's "no mask": pads count as text everywhere
         # an unpadded batch needs no mask: plain causal attention takes the fast kernel
         attn_mask = None if bool(real.all()) else padding_attention_mask(real)
         with torch.no_grad() if self.config.freeze_backbone else contextlib.nullcontext():
             hidden = self.backbone.hidden_states(idx, attn_mask=attn_mask)  # (B, T, C)
-        return self.head(pool(hidden, real, self.config.pooling))
+        logits = self.head(pool(hidden, real, self.config.pooling))
+        if not with_lm_loss:
+            return logits
+        return logits, next_token_loss(self.backbone, hidden, idx, text)
+
+
+def next_token_loss(
+    backbone: GPT, hidden: torch.Tensor, idx: torch.Tensor, text: torch.Tensor
+) -> torch.Tensor:
+    """Mean cross-entropy of predicting each text token from the text before it (pads are skipped)."""
+    pairs = text[:, :-1] & text[:, 1:]  # (B, T-1): position t predicts t+1, both text
+    if not bool(pairs.any()):
+        return hidden.new_zeros(())  # one-token texts: nothing to predict
+    # the vocabulary projection is the costly part, so it runs on the text positions only
+    logits = backbone.lm_head(hidden[:, :-1][pairs])  # (N, vocab)
+    return F.cross_entropy(logits.float(), idx[:, 1:][pairs])

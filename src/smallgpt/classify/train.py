@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -89,6 +90,13 @@ class ClassifyOptions:
     dropout: float | None = field(
         default=None, metadata={"help": "dropout while fine-tuning (default: the backbone's own)"}
     )
+    lm_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "add this times the next-token loss on the training texts (GPT-1 used 0.5; "
+            "not with a frozen backbone)"
+        },
+    )
     warmup_iters: int = field(default=0, metadata={"help": "linear warmup steps"})
     eval_interval: int = field(default=0, metadata={"help": "steps between evaluations (0: once per epoch)"})
     patience: int = field(
@@ -103,7 +111,10 @@ class ClassifyOptions:
     def validate(self) -> None:
         if self.batch_size <= 0:
             raise UserError(f"batch-size must be positive, got {self.batch_size}")
-        for name in ("epochs", "max_iters", "learning_rate", "weight_decay", "warmup_iters", "eval_interval"):
+        for name in (
+            "epochs", "max_iters", "learning_rate", "weight_decay", "lm_loss_weight", "warmup_iters",
+            "eval_interval",
+        ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.epochs == 0 and self.max_iters == 0:
@@ -179,9 +190,20 @@ def load_splits(args: ClassifyOptions) -> Splits:
     return Splits(splits["train"], splits["val"], splits.get("test"), names)
 
 
-def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    x, real, labels = batch
-    return F.cross_entropy(model(x, real).float(), labels)
+LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+
+
+def classification_loss(lm_loss_weight: float) -> LossFn:
+    """The Trainer's loss: cross-entropy on the labels, plus the weighted next-token loss if any."""
+
+    def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, real, labels = batch
+        if lm_loss_weight == 0:
+            return F.cross_entropy(model(x, real).float(), labels)
+        logits, lm_loss = model(x, real, with_lm_loss=True)
+        return F.cross_entropy(logits.float(), labels) + lm_loss_weight * lm_loss
+
+    return loss
 
 
 def trainer_config(args: ClassifyOptions, model_config: ModelConfig, train_size: int) -> Config:
@@ -281,7 +303,8 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, float]:
         eval_sources={},
         run_dir=run_dir,
         dist=DistInfo(False, 0, 0, 1, device),
-        loss_fn=classification_loss,
+        # a frozen backbone cannot learn from the next-token loss: skip its cost
+        loss_fn=classification_loss(0.0 if args.freeze_backbone else args.lm_loss_weight),
         checkpoint_info={
             "tokenizer_fingerprint": tokenizer.fingerprint(),
             "classifier": json.dumps(classifier.to_dict()),
