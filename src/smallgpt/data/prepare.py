@@ -282,7 +282,6 @@ def _meta(
     }
 
 
-
 def load_meta(data_dir: str | Path) -> dict[str, Any]:
     """meta.json of a prepared dataset folder (UserError if it is not one)."""
     path = resolve_dir(data_dir) / "meta.json"

@@ -294,7 +294,6 @@ def _copy_url(url: str, out, label: str) -> None:
                 bar.update(len(block))
 
 
-
 def _fetch_tinyshakespeare(cache: Path) -> list[Path]:
     dest = cache / "tinyshakespeare" / "input.txt"
     return [_download(TINYSHAKESPEARE_URL, dest, TINYSHAKESPEARE_SHA256)]
