@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import math
 import random
 import tempfile
 import time
@@ -135,7 +136,31 @@ def tfidf_baseline(splits: dict[str, list[tuple[str, str]]]) -> dict[str, float]
         "accuracy": accuracy_score(truth, predicted),
         "macro_f1": f1_score(truth, predicted, average="macro"),
         "seconds": time.perf_counter() - start,
+        "predicted": list(predicted),
     }
+
+
+def classifier_predictions(run_dir: Path, texts: list[str]) -> list[str]:
+    """The labels ckpt/best of a classify run gives texts."""
+    import torch
+
+    from smallgpt.classify.data import encode_texts
+    from smallgpt.classify.evaluate import load_classifier, predict_logits
+
+    cpu = torch.device("cpu")
+    model, tokenizer, names, _ = load_classifier(run_dir, cpu)
+    ids = encode_texts(texts, tokenizer, model.backbone.config.block_size).ids
+    return [names[i] for i in predict_logits(model, ids, 64, tokenizer.eot_id, cpu).argmax(-1).tolist()]
+
+
+def mcnemar(truth: list[str], a: list[str], b: list[str]) -> tuple[int, int, float]:
+    """Texts only a gets right, texts only b gets right, and the exact two-sided McNemar p-value:
+    how likely a split at least this uneven is if both classifiers were equally accurate."""
+    only_a = sum(x == t != y for t, x, y in zip(truth, a, b))
+    only_b = sum(y == t != x for t, x, y in zip(truth, a, b))
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n
+    return only_a, only_b, min(1.0, 2 * tail)
 
 
 def main() -> None:
@@ -190,15 +215,22 @@ def main() -> None:
                 progress=False, device="cpu", seed=args.seed,
             )
         )  # fmt: skip
+        best = max(rows, key=lambda r: r["accuracy"])
+        truth, texts = zip(*splits["test"])
+        predicted = classifier_predictions(work / "ablate" / best["variant"], list(texts))
     print(f"\nsentiment_zh: train {args.train_size}, val {args.val_size}, test {args.test_size} (balanced)")
     print(ablation_table(rows))
     print(
         f"| TF-IDF char 1-3-grams + logistic regression | - | {100 * baseline['accuracy']:.1f}% "
         f"| {baseline['macro_f1']:.3f} | {baseline['seconds']:.0f} |"
     )
-    best = max(rows, key=lambda r: r["accuracy"])
     margin = 100 * (best["accuracy"] - baseline["accuracy"])
     print(f"\nbest variant {best['variant']}: {margin:+.1f} accuracy points over the TF-IDF baseline")
+    only_gpt, only_tfidf, p = mcnemar(list(truth), predicted, baseline["predicted"])
+    print(
+        f"on the {len(truth)} test texts the GPT alone is right on {only_gpt}, TF-IDF alone on "
+        f"{only_tfidf}: exact McNemar p = {p:.3f}"
+    )
 
 
 if __name__ == "__main__":
