@@ -13,7 +13,8 @@
    next-token loss (--lm-loss-weight 0.5).
 4. TF-IDF over character 1-3-grams + logistic regression (scikit-learn, `pip install smallgpt[bench]`)
    trained on the same train split and scored on the same test split.
-Prints Markdown tables.
+Prints Markdown tables, then an exact McNemar test of the best variant against the baseline on the
+same test texts.
 
     python benchmarks/classify_sentiment.py   # defaults: the README's run (pre-training 4500 s, block 256)
 """
