@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from smallgpt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from smallgpt.model.gpt import ModelConfig
 from smallgpt.train.distributed import DistInfo, resolve_device
 from smallgpt.train.optim import build_optimizer
-from smallgpt.train.trainer import Trainer
+from smallgpt.train.trainer import LossFn, Trainer
 
 
 @dataclass
@@ -188,9 +187,6 @@ def load_splits(args: ClassifyOptions) -> Splits:
                 f"(repeated rows in the data); {split} accuracy counts them"
             )
     return Splits(splits["train"], splits["val"], splits.get("test"), names)
-
-
-LossFn = Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
 
 
 def classification_loss(lm_loss_weight: float) -> LossFn:
