@@ -61,8 +61,13 @@ def init_distributed(device_name: str, backend: str = "auto", timeout_s: int = 6
     return DistInfo(True, rank, local_rank, world, device)
 
 
-def shutdown_distributed(info: DistInfo) -> None:
+def shutdown_distributed(info: DistInfo, finished: bool) -> None:
+    """Leave the process group. After a finished run every rank first waits for the others: a rank
+    that tears gloo down while a peer is still in a collective (FSDP gathers the last checkpoint)
+    can abort. After an error there is no waiting, as a dead peer would never arrive."""
     if info.ddp and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

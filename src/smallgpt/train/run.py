@@ -107,10 +107,13 @@ def train(config: Config) -> dict[str, float]:
     """Train per `config`; returns the final evaluation metrics."""
     config.validate()
     info = init_distributed(config.train.device, config.train.backend)
+    finished = False
     try:
-        return _train(config, info)
+        metrics = _train(config, info)
+        finished = True
+        return metrics
     finally:
-        shutdown_distributed(info)
+        shutdown_distributed(info, finished)
 
 
 def _train(config: Config, info: DistInfo) -> dict[str, float]:
