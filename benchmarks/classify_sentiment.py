@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--pooling", default="mean")
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
+    if args.review_repeats < 1:
+        parser.error(f"--review-repeats must be at least 1, got {args.review_repeats}")
 
     from smallgpt.classify.train import ClassifyAblateArgs, ablation_table, run_ablate
 

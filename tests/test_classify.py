@@ -255,6 +255,8 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     cases.append(
         (["classify", "train", "--data", str(empty), "--init-from", backbone], [str(empty), "empty"])
     )
+    negative = ["classify", "train", "--data", data, "--init-from", backbone, "--lm-loss-weight", "-0.5"]
+    cases.append((negative, ["lm-loss-weight must not be negative", "-0.5"]))
     for argv, needles in cases:
         assert main([*argv, "--device", "cpu"]) == 2
         err = capsys.readouterr().err
