@@ -35,7 +35,9 @@ def make_backbone_run(run_dir, **overrides):
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY, **overrides})
     tags = {"tokenizer_fingerprint": tokenizer.fingerprint()}
-    checkpoint.save_checkpoint(run_dir / "ckpt" / "best", GPT(config), config, {}, tags)
+    checkpoint.write_checkpoint(
+        run_dir / "ckpt" / "best", checkpoint.model_weights(GPT(config)), config, {}, tags
+    )
     return run_dir
 
 

@@ -14,6 +14,7 @@ from smallgpt.config import load_config  # noqa: E402
 from smallgpt.data.prepare import PrepareArgs, run_prepare  # noqa: E402
 from smallgpt.data.tokenizers import CharTokenizer, GPT2Tokenizer, save_tokenizer  # noqa: E402
 from smallgpt.errors import UserError  # noqa: E402
+from smallgpt.export import ExportArgs, export  # noqa: E402
 from smallgpt.generate import SampleArgs, sample  # noqa: E402
 from smallgpt.model import hf  # noqa: E402
 from smallgpt.model.gpt import GPT, ModelConfig  # noqa: E402
@@ -92,7 +93,7 @@ def make_run(run_dir, config: ModelConfig, tokenizer, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(config).eval()
     tags = {"tokenizer_fingerprint": tokenizer.fingerprint()}
-    checkpoint.save_checkpoint(run_dir / "ckpt" / "best", model, config, {}, tags)
+    checkpoint.write_checkpoint(run_dir / "ckpt" / "best", checkpoint.model_weights(model), config, {}, tags)
     save_tokenizer(tokenizer, run_dir / "tokenizer.json")
     return model
 
@@ -109,7 +110,7 @@ EXPORTS = {
 def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_path, name):
     config = ModelConfig(block_size=48, vocab_size=VOCAB, **TINY, **EXPORTS[name])
     model = make_run(tmp_path / "run", config, GPT2Tokenizer())
-    out = hf.export(hf.ExportArgs(run=str(tmp_path / "run"), out=str(tmp_path / "hf")))
+    out = export(ExportArgs(run=str(tmp_path / "run"), out=str(tmp_path / "hf")))
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(theirs).__name__ == ("LlamaForCausalLM" if "llama" in name else "GPT2LMHeadModel")
     idx = tokens(48)
@@ -142,7 +143,7 @@ def test_export_char_run_keeps_weights_and_says_the_tokenizer_is_smallgpt_only(t
     tokenizer = CharTokenizer("abcdefgh ")
     config = ModelConfig(block_size=16, vocab_size=tokenizer.vocab_size, **TINY)
     model = make_run(tmp_path / "run", config, tokenizer)
-    out = hf.export(hf.ExportArgs(run=str(tmp_path / "run"), out=str(tmp_path / "hf")))
+    out = export(ExportArgs(run=str(tmp_path / "run"), out=str(tmp_path / "hf")))
     assert "only smallgpt reads this one" in capsys.readouterr().out
     assert not (out / "vocab.json").exists() and not (out / "tokenizer.json").exists()
     back = hf.open_pretrained(str(out))
@@ -164,7 +165,7 @@ def test_export_refuses_options_transformers_lacks(tmp_path, options, named):
         tmp_path / "run", ModelConfig(block_size=16, vocab_size=VOCAB, **TINY, **options), GPT2Tokenizer()
     )
     with pytest.raises(UserError, match=f"cannot export {named}"):
-        hf.export(hf.ExportArgs(run=str(tmp_path / "run"), out=str(tmp_path / "hf")))
+        export(ExportArgs(run=str(tmp_path / "run"), out=str(tmp_path / "hf")))
     assert not (tmp_path / "hf").exists()
 
 

@@ -119,7 +119,7 @@ class Config:
                 f"config n_embd ({self.model.n_embd}) must be divisible by n_head ({self.model.n_head})"
             )
         if t.init_from not in ("scratch", "resume"):
-            from smallgpt.model.hf import HUB_MODELS  # conversion code only for pretrained starts
+            from smallgpt.model.hub import HUB_MODELS
 
             if t.init_from not in HUB_MODELS and not Path(t.init_from).is_dir():
                 raise UserError(

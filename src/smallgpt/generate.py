@@ -10,36 +10,10 @@ from typing import TextIO
 
 import torch
 
-from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
+from smallgpt.data.tokenizers import Tokenizer
+from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
-from smallgpt.model.gpt import GPT
-from smallgpt.train import checkpoint
-from smallgpt.train.distributed import resolve_device
-
-
-def load_run(run_dir: str | Path, device: torch.device, which: str = "best") -> tuple[GPT, Tokenizer]:
-    """The model of a run's checkpoint and the tokenizer it was trained with."""
-    ckpt = checkpoint.find_checkpoint(run_dir, which)
-    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
-    trained_with = checkpoint.read_tags(ckpt).get("tokenizer_fingerprint")
-    if trained_with is not None and trained_with != tokenizer.fingerprint():
-        raise UserError(f"{run_dir}/tokenizer.json is not the tokenizer checkpoint {ckpt} was trained with")
-    model = checkpoint.load_model(ckpt, device)
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"checkpoint {ckpt} has fewer token ids than {run_dir}/tokenizer.json")
-    return model, tokenizer
-
-
-def load_source(run: str, options: SamplingOptions, device: torch.device) -> tuple[GPT, Tokenizer]:
-    """A run's checkpoint (--run), or Hugging Face weights such as OpenAI's GPT-2 (--init-from)."""
-    if bool(run) == bool(options.init_from):
-        raise UserError("pass either --run DIR or --init-from (gpt2, ..., gpt2-xl or a Hugging Face folder)")
-    if run:
-        return load_run(run, device, options.checkpoint)
-    from smallgpt.model import hf  # conversion code only when asked for
-
-    pretrained = hf.open_pretrained(options.init_from)
-    return pretrained.model().to(device).eval(), pretrained.tokenizer
+from smallgpt.runs import load_source
 
 
 class StreamDecoder:
@@ -105,8 +79,6 @@ class SamplingOptions:
             raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise UserError(f"repetition-penalty must be positive, got {self.repetition_penalty}")
-        if self.checkpoint not in ("best", "last"):
-            raise UserError(f"checkpoint must be best or last, got {self.checkpoint!r}")
 
 
 @dataclass
@@ -125,7 +97,7 @@ class Generator:
         options.validate()
         self.options = options
         self.device = resolve_device(options.device)
-        self.model, self.tokenizer = load_source(run, options, self.device)
+        self.model, self.tokenizer = load_source(run, options.init_from, options.checkpoint, self.device)
         self.rng = torch.Generator(device=self.device).manual_seed(options.seed)
 
     def encode_prompt(self, text: str) -> list[int]:

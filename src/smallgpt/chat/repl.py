@@ -19,6 +19,7 @@ from smallgpt.chat.format import BOT, USER, ChatFormat, Turn, keep_recent
 from smallgpt.data.tokenizers import UNK
 from smallgpt.errors import UserError
 from smallgpt.generate import Generator, SamplingOptions, StreamDecoder
+from smallgpt.runs import find_checkpoint
 from smallgpt.train import checkpoint
 
 MAX_REPLY = 128  # default longest reply, in tokens, when the context has room for it
@@ -113,7 +114,7 @@ def chat(args: ChatArgs, stdin: TextIO | None = None, out: TextIO | None = None)
     """Talk to a chat run: one `--message`, or a conversation read from the terminal or stdin."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     if args.max_new_tokens is None:
-        ckpt = checkpoint.find_checkpoint(args.run, args.checkpoint)
+        ckpt = find_checkpoint(args.run, args.checkpoint)
         args.max_new_tokens = min(MAX_REPLY, checkpoint.read_model_config(ckpt).block_size // 2)
     session = ChatSession(Generator(args.run, args), lambda line: print(line, file=sys.stderr))
     if args.message is not None:

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 
 from smallgpt.classify.data import collate, encode_texts, label_ids, load_labels, read_examples
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier
-from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
+from smallgpt.data.tokenizers import Tokenizer
+from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_write_json
 from smallgpt.model.gpt import GPT
+from smallgpt.runs import find_checkpoint, run_tokenizer
 from smallgpt.train import checkpoint
-from smallgpt.train.distributed import resolve_device
 
 SETTINGS = "classify.json"  # the run's data columns and training flags
 LABELS = "labels.json"  # class names in id order
@@ -88,10 +89,8 @@ def load_classifier(
     run_dir: str | Path, device: torch.device, which: str = "best"
 ) -> tuple[GPTClassifier, Tokenizer, list[str], dict]:
     """The model of a classify run's checkpoint, its tokenizer, class names and settings."""
-    if which not in ("best", "last"):
-        raise UserError(f"checkpoint must be best or last, got {which!r}")
     run_dir = Path(run_dir)
-    ckpt = checkpoint.find_checkpoint(run_dir, which)
+    ckpt = find_checkpoint(run_dir, which)
     tags = checkpoint.read_tags(ckpt)
     if "classifier" not in tags:
         raise UserError(f"{ckpt} is not a classifier checkpoint: train one with smallgpt classify train")
@@ -99,9 +98,7 @@ def load_classifier(
         GPT(checkpoint.read_model_config(ckpt)), ClassifierConfig(**json.loads(tags["classifier"]))
     )
     checkpoint.load_weights(ckpt, model)
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    if tags.get("tokenizer_fingerprint") != tokenizer.fingerprint():
-        raise UserError(f"{run_dir}/tokenizer.json is not the tokenizer checkpoint {ckpt} was trained with")
+    tokenizer = run_tokenizer(run_dir, ckpt)
     names = load_labels(run_dir / LABELS)
     if len(names) != model.config.num_classes:
         raise UserError(

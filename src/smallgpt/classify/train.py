@@ -40,11 +40,12 @@ from smallgpt.classify.evaluate import (
 )
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier
 from smallgpt.config import Config, LogConfig, OptimConfig, TrainConfig
+from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
-from smallgpt.generate import load_run
 from smallgpt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from smallgpt.model.gpt import ModelConfig
-from smallgpt.train.distributed import DistInfo, resolve_device
+from smallgpt.runs import load_run
+from smallgpt.train.distributed import DistInfo
 from smallgpt.train.optim import build_optimizer
 from smallgpt.train.trainer import LossFn, Trainer
 

@@ -66,6 +66,7 @@ MLPS = ("gelu", "swiglu")
 POS_EMBS = ("learned", "rope")
 GELU_APPROX = ("none", "tanh")
 NORM_EPS = 1e-5  # of LayerNorm and RMSNorm, as GPT-2
+TIED_HEAD = "lm_head.weight"  # the same tensor as transformer.wte.weight: checkpoints store it once
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:

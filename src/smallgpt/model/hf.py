@@ -5,8 +5,9 @@ Two transformers architectures are smallgpt's GPT with other tensor names:
       (in, out), the transpose of nn.Linear, so c_attn, c_proj and c_fc are transposed both ways.
   Llama (LlamaForCausalLM): rotary positions, RMSNorm, SwiGLU. q/k/v and gate/up are separate
       matrices there and packed ones here (c_attn, c_fc), so they are split or concatenated.
-Both directions read and write config.json and model.safetensors directly: nothing here imports
-`transformers`, and only downloading from the hub needs `huggingface_hub`.
+Both directions read and write config.json and model.safetensors directly (`smallgpt export`, in
+export.py, writes runs out with this module): nothing here imports `transformers`, and only
+downloading from the hub (model/hub.py) needs `huggingface_hub`.
 """
 
 from __future__ import annotations
@@ -20,17 +21,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from smallgpt.data.tokenizers import EOT, GPT2Tokenizer, Tokenizer, gpt2_files, load_tokenizer, save_tokenizer
 from smallgpt.errors import UserError
-from smallgpt.generate import load_run
-from smallgpt.io import atomic_dir, atomic_write_json, atomic_write_text
-from smallgpt.model.gpt import GPT, NORM_EPS, ModelConfig
-from smallgpt.train import checkpoint
+from smallgpt.io import atomic_write_json, atomic_write_text
+from smallgpt.model.gpt import GPT, NORM_EPS, TIED_HEAD, ModelConfig
+from smallgpt.model.hub import HF_WEIGHTS, HUB_MODELS, download
 
-HUB_MODELS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-HF_WEIGHTS = "model.safetensors"
 SMALLGPT_TOKENIZER = "smallgpt_tokenizer.json"  # our tokenizer, so `--init-from <exported folder>` works
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 EXPORT_NEEDS = {  # the options each architecture has; the rest of ModelConfig maps to both
@@ -168,7 +166,7 @@ def load_hf_weights(model: GPT, weights: dict[str, torch.Tensor], arch: str, whe
         weights = {k if k.startswith(full) else f"transformer.{k}": v for k, v in weights.items()}
     state = {}
     for key, ours in model.state_dict().items():
-        if key == checkpoint.TIED:
+        if key == TIED_HEAD:
             continue
         names, transpose = hf_names(arch, key)
         missing = [name for name in names if name not in weights]
@@ -183,29 +181,13 @@ def load_hf_weights(model: GPT, weights: dict[str, torch.Tensor], arch: str, whe
             shapes = f"{tuple(tensor.shape)}, expected {tuple(ours.shape)}"
             raise UserError(f"{where}: {names[0]} has shape {shapes}")
         state[key] = tensor.float()
-    head = weights.pop(checkpoint.TIED, None)
+    head = weights.pop(TIED_HEAD, None)
     if head is not None and not torch.equal(head.float(), state["transformer.wte.weight"]):
         raise UserError(f"{where}: lm_head is not tied to the token embedding, as smallgpt's always is")
     extra = [k for k in weights if not k.endswith(UNUSED)]
     if extra:
         raise UserError(f"{where} has tensors smallgpt has no place for: {', '.join(extra[:3])}")
     model.load_state_dict(state, strict=False)  # lm_head.weight is wte's tensor
-
-
-def download(repo_id: str) -> Path:
-    """The hub snapshot of config.json and model.safetensors (cached; shows download progress)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise UserError("downloading from the Hugging Face hub needs: pip install 'smallgpt[hf]'") from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["config.json", HF_WEIGHTS]))
-    except OSError as e:  # every hub error, offline and connection ones included, is an OSError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"cannot download {repo_id} from the Hugging Face hub ({reason}); offline, pass a local "
-            "folder with its config.json and model.safetensors instead"
-        ) from None
 
 
 @dataclass
@@ -249,14 +231,6 @@ def open_pretrained(source: str) -> Pretrained:
 
 
 # ---- smallgpt -> Hugging Face ----------------------------------------------------------------------
-
-
-@dataclass
-class ExportArgs:
-    run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
-    out: str = field(default="", metadata={"help": "folder to write", "required": True})
-    format: str = field(default="hf", metadata={"help": "hf: a folder transformers' from_pretrained loads"})
-    checkpoint: str = field(default="best", metadata={"help": "which checkpoint of the run: best | last"})
 
 
 def hf_architecture(config: ModelConfig) -> str:
@@ -313,9 +287,10 @@ def hf_config(config: ModelConfig, arch: str, eot_id: int) -> dict[str, Any]:
     }
 
 
-def hf_weights(model: GPT, arch: str) -> dict[str, torch.Tensor]:
-    weights = checkpoint.model_weights(model)
-    if arch == "gpt2" and not model.config.bias:  # GPT-2 always has biases; zeros are the same as none
+def hf_weights(weights: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights (the tied head stored once) under the architecture's names and layout."""
+    weights = dict(weights)
+    if arch == "gpt2" and not config.bias:  # GPT-2 always has biases; zeros are the same as none
         for key, tensor in list(weights.items()):
             if not key.endswith(("wte.weight", "wpe.weight")):
                 weights[key.removesuffix(".weight") + ".bias"] = torch.zeros(tensor.size(0))
@@ -346,22 +321,3 @@ def write_tokenizer(tokenizer: Tokenizer, block_size: int, folder: Path) -> str:
     fast = {"tokenizer_class": "PreTrainedTokenizerFast", **special}
     atomic_write_json(folder / "tokenizer_config.json", fast)
     return ""
-
-
-def export(args: ExportArgs) -> Path:
-    """`smallgpt export`: a run's checkpoint as a folder `transformers` loads (written whole)."""
-    if args.format != "hf":
-        raise UserError(f"export format must be hf, got {args.format!r}")
-    if args.checkpoint not in ("best", "last"):
-        raise UserError(f"checkpoint must be best or last, got {args.checkpoint!r}")
-    model, tokenizer = load_run(args.run, torch.device("cpu"), args.checkpoint)
-    arch = hf_architecture(model.config)
-    out = Path(args.out)
-    with atomic_dir(out) as tmp:
-        save_file(hf_weights(model, arch), tmp / HF_WEIGHTS, {"format": "pt"})
-        atomic_write_json(tmp / "config.json", hf_config(model.config, arch, tokenizer.eot_id))
-        ids = {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id}
-        atomic_write_json(tmp / "generation_config.json", ids)
-        note = write_tokenizer(tokenizer, model.config.block_size, tmp)
-    print(f"exported {args.run} as {ARCHITECTURES[arch]} to {out}{note}")
-    return out

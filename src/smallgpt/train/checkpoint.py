@@ -17,17 +17,16 @@ from safetensors.torch import load_file, save_file
 
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir, resolve_dir
-from smallgpt.model.gpt import GPT, ModelConfig
+from smallgpt.model.gpt import GPT, TIED_HEAD, ModelConfig
 from smallgpt.train.distributed import is_sharded
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
-TIED = "lm_head.weight"  # the same tensor as transformer.wte.weight; stored once
 
 
 def _is_tied(key: str) -> bool:
     """The tied head, also inside a wrapper model (the classifier's `backbone.lm_head.weight`)."""
-    return key == TIED or key.endswith("." + TIED)
+    return key == TIED_HEAD or key.endswith("." + TIED_HEAD)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -46,20 +45,6 @@ def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items() if not _is_tied(k)}
 
 
-def save_checkpoint(
-    ckpt_dir: str | Path,
-    model: nn.Module,
-    model_config: ModelConfig,
-    state: dict[str, Any],
-    tags: dict[str, str] | None = None,
-) -> None:
-    """Write model weights and `state` (optimizer, RNG, counters: tensors and plain values only).
-
-    `tags` (e.g. the tokenizer fingerprint) go into the safetensors header, readable without the state.
-    """
-    write_checkpoint(ckpt_dir, model_weights(model), model_config, state, tags)
-
-
 def write_checkpoint(
     ckpt_dir: str | Path,
     weights: dict[str, torch.Tensor],
@@ -67,7 +52,11 @@ def write_checkpoint(
     state: dict[str, Any],
     tags: dict[str, str] | None = None,
 ) -> None:
-    """`save_checkpoint` for weights already gathered (`full_training_state` under FSDP)."""
+    """Write model weights and `state` (optimizer, RNG, counters: tensors and plain values only).
+
+    `weights` are `model_weights(model)`, or `full_training_state`'s gathered under FSDP. `tags`
+    (e.g. the tokenizer fingerprint) go into the safetensors header, readable without the state.
+    """
     metadata = {"format": "pt", "model_config": json.dumps(vars(model_config)), **(tags or {})}
     with atomic_dir(ckpt_dir) as tmp:
         save_file(weights, tmp / WEIGHTS, metadata)
@@ -93,7 +82,7 @@ def full_training_state(
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(model, options=options)
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
-        return {k: v.contiguous() for k, v in weights.items() if k != TIED}, optimizer_state
+        return {k: v.contiguous() for k, v in weights.items() if k != TIED_HEAD}, optimizer_state
     if not is_main:
         return {}, {}
     return model_weights(model), optimizer.state_dict()
@@ -114,8 +103,8 @@ def load_training_state(
     )
 
     weights = read_weights(ckpt_dir)
-    if TIED in model.state_dict():
-        weights[TIED] = weights["transformer.wte.weight"]
+    if TIED_HEAD in model.state_dict():
+        weights[TIED_HEAD] = weights["transformer.wte.weight"]
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
@@ -129,7 +118,7 @@ def _checkpoint_dir(ckpt_dir: str | Path) -> Path:
 
 
 def read_tags(ckpt_dir: str | Path) -> dict[str, str]:
-    """The safetensors header metadata: model_config (JSON) and the tags given to save_checkpoint."""
+    """The safetensors header metadata: model_config (JSON) and the tags given to write_checkpoint."""
     path = _checkpoint_dir(ckpt_dir) / WEIGHTS
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -179,16 +168,3 @@ def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GPT:
     model = GPT(read_model_config(ckpt_dir))
     load_weights(ckpt_dir, model)
     return model.to(device).eval()
-
-
-def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
-    """`ckpt/best` (or `last`) of a run, falling back to the other one; UserError if neither exists."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist")
-    order = [which, "last" if which == "best" else "best"]
-    for name in order:
-        path = resolve_dir(run_dir / "ckpt" / name)
-        if (path / WEIGHTS).is_file():
-            return path
-    raise UserError(f"run {run_dir} has no checkpoint yet (ckpt/last or ckpt/best): train it first")

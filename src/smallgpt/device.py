@@ -1,0 +1,24 @@
+"""Which torch device a command runs on: training, sampling, chat, classify and serving all ask here."""
+
+from __future__ import annotations
+
+import torch
+
+from smallgpt.errors import UserError
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` (CUDA, else Apple's MPS, else the CPU; under torchrun the rank's own GPU) or a named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name} asked for, but this torch sees no CUDA GPU")
+    return device

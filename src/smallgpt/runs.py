@@ -1,0 +1,64 @@
+"""Loading a trained model: a run folder (checkpoint + tokenizer) or Hugging Face weights.
+
+The one loading path of everything that uses a trained model: sample, continue, chat, classify,
+export, serve and the Python API. It sits above train/ (it reads train's checkpoints) and below them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
+from smallgpt.errors import UserError
+from smallgpt.io import resolve_dir
+from smallgpt.model.gpt import GPT
+from smallgpt.train import checkpoint
+
+CHECKPOINTS = ("best", "last")  # ckpt/best: lowest validation loss; ckpt/last: the latest evaluation
+
+
+def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
+    """`ckpt/best` (or `last`) of a run, falling back to the other one; UserError if neither exists."""
+    if which not in CHECKPOINTS:
+        raise UserError(f"checkpoint must be best or last, got {which!r}")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    for name in (which, *(c for c in CHECKPOINTS if c != which)):
+        path = resolve_dir(run_dir / "ckpt" / name)
+        if (path / checkpoint.WEIGHTS).is_file():
+            return path
+    raise UserError(f"run {run_dir} has no checkpoint yet (ckpt/last or ckpt/best): train it first")
+
+
+def run_tokenizer(run_dir: str | Path, ckpt: Path) -> Tokenizer:
+    """The run's tokenizer.json, checked against the one checkpoint `ckpt` was trained with."""
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer.json")
+    trained_with = checkpoint.read_tags(ckpt).get("tokenizer_fingerprint")
+    if trained_with is not None and trained_with != tokenizer.fingerprint():
+        raise UserError(f"{run_dir}/tokenizer.json is not the tokenizer checkpoint {ckpt} was trained with")
+    return tokenizer
+
+
+def load_run(run_dir: str | Path, device: torch.device, which: str = "best") -> tuple[GPT, Tokenizer]:
+    """The model of a run's checkpoint (in eval mode) and the tokenizer it was trained with."""
+    ckpt = find_checkpoint(run_dir, which)
+    tokenizer = run_tokenizer(run_dir, ckpt)
+    model = checkpoint.load_model(ckpt, device)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"checkpoint {ckpt} has fewer token ids than {run_dir}/tokenizer.json")
+    return model, tokenizer
+
+
+def load_source(run: str, init_from: str, which: str, device: torch.device) -> tuple[GPT, Tokenizer]:
+    """A run's checkpoint (`--run`), or Hugging Face weights such as OpenAI's GPT-2 (`--init-from`)."""
+    if bool(run) == bool(init_from):
+        raise UserError("pass either --run DIR or --init-from (gpt2, ..., gpt2-xl or a Hugging Face folder)")
+    if run:
+        return load_run(run, device, which)
+    from smallgpt.model import hf  # conversion code only when asked for
+
+    pretrained = hf.open_pretrained(init_from)
+    return pretrained.model().to(device).eval(), pretrained.tokenizer
