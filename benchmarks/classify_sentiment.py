@@ -89,7 +89,7 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
 
 def pretrain(corpus: Path, work: Path, args: argparse.Namespace) -> tuple[Path, float]:
     from smallgpt.config import load_config
-    from smallgpt.data.prepare import PrepareArgs, run_prepare
+    from smallgpt.preparation import PrepareArgs, run_prepare
     from smallgpt.train.run import train
 
     with contextlib.redirect_stdout(io.StringIO()):

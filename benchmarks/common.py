@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from smallgpt.data.prepare import PrepareArgs, run_prepare
+from smallgpt.preparation import PrepareArgs, run_prepare
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

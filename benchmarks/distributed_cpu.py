@@ -36,7 +36,7 @@ WARMUP_LOGS = 5  # logged iterations left out of the median
 
 
 def prepare(out: Path) -> None:
-    from smallgpt.data.prepare import PrepareArgs, run_prepare
+    from smallgpt.preparation import PrepareArgs, run_prepare
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         run_prepare(PrepareArgs(input=str(SHARED / "tinyshakespeare" / "input.txt"), out=str(out)))

@@ -44,7 +44,7 @@ def build_input(path: Path, megabytes: float, data: Path) -> int:
 
 def worker(input_path: str, out: str) -> None:
     """Prepare one input and print its timing and peak memory as JSON."""
-    from smallgpt.data.prepare import PrepareArgs, run_prepare
+    from smallgpt.preparation import PrepareArgs, run_prepare
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from smallgpt.config import load_config
-from smallgpt.data.prepare import PrepareArgs, run_prepare
+from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train import checkpoint
 from smallgpt.train.run import train
 

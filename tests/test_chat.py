@@ -20,9 +20,9 @@ from smallgpt.chat.format import (
 )
 from smallgpt.chat.repl import ChatSession
 from smallgpt.config import load_config
-from smallgpt.data.prepare import PrepareArgs, run_prepare
 from smallgpt.data.tokenizers import build_tokenizer, load_tokenizer, tokenizer_from_dict
 from smallgpt.errors import UserError
+from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train.run import train
 
 CONVERSATION = [

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from smallgpt.cli import pop_nproc
 from smallgpt.config import load_config
 from smallgpt.data.loader import BatchSampler
-from smallgpt.data.prepare import PrepareArgs, run_prepare
 from smallgpt.errors import UserError
+from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train import checkpoint
 from smallgpt.train.distributed import torchrun_command
 from smallgpt.train.run import train

@@ -5,11 +5,11 @@ import sys
 import pytest
 
 from smallgpt.cli import main
-from smallgpt.data.prepare import PrepareArgs, run_prepare
 from smallgpt.errors import UserError
 from smallgpt.experiments.compare import CompareArgs, compare
 from smallgpt.experiments.metrics import ExportArgs, events, export_metrics
 from smallgpt.experiments.plot import PlotArgs, plot
+from smallgpt.preparation import PrepareArgs, run_prepare
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

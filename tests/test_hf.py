@@ -11,13 +11,13 @@ transformers = pytest.importorskip("transformers", reason="transformers is in th
 
 from smallgpt import cli  # noqa: E402
 from smallgpt.config import load_config  # noqa: E402
-from smallgpt.data.prepare import PrepareArgs, run_prepare  # noqa: E402
 from smallgpt.data.tokenizers import CharTokenizer, GPT2Tokenizer, save_tokenizer  # noqa: E402
 from smallgpt.errors import UserError  # noqa: E402
 from smallgpt.export import ExportArgs, export  # noqa: E402
 from smallgpt.generate import SampleArgs, sample  # noqa: E402
 from smallgpt.model import hf  # noqa: E402
 from smallgpt.model.gpt import GPT, ModelConfig  # noqa: E402
+from smallgpt.preparation import PrepareArgs, run_prepare  # noqa: E402
 from smallgpt.train import checkpoint  # noqa: E402
 from smallgpt.train.run import train  # noqa: E402
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from smallgpt.config import OptimConfig, load_config
-from smallgpt.data.prepare import PrepareArgs, run_prepare
 from smallgpt.errors import UserError
 from smallgpt.model.gpt import GPT, ModelConfig
+from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train.optim import CombinedOptimizer, SophiaG, build_optimizer, hidden_matrices
 from smallgpt.train.run import train
 

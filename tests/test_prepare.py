@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from smallgpt.data import prepare
-from smallgpt.data.prepare import PrepareArgs, load_meta, run_prepare
+from smallgpt.data.prepare import load_meta
 from smallgpt.data.tokenizers import CharTokenizer, load_tokenizer
 from smallgpt.errors import UserError
+from smallgpt.preparation import PrepareArgs, run_prepare
 
 
 def read_split(out: Path, split: str) -> np.ndarray:

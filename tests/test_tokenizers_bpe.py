@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from smallgpt.config import load_config
-from smallgpt.data.prepare import PrepareArgs, run_prepare
 from smallgpt.data.tokenizers import EOT, BPETokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 from smallgpt.errors import UserError
+from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train.run import train
 
 MIXED = "Mixed: 孙悟空 said «hello» — 😀 tab\tand\r\nCRLF ünïcödé <|endoftext|> 🇫🇷"

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from smallgpt.config import load_config
-from smallgpt.data.prepare import PrepareArgs, run_prepare
 from smallgpt.errors import UserError
 from smallgpt.experiments.metrics import events
+from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train import checkpoint
 from smallgpt.train.run import train
 from smallgpt.train.schedule import lr_at

@@ -84,7 +84,7 @@ class Verb:
 # the dispatch table: verb -> Verb, or a table of sub-verbs (e.g. `smallgpt classify train`)
 COMMANDS: dict[str, Verb | dict[str, Verb]] = {
     "prepare": Verb(
-        "smallgpt.data.prepare",
+        "smallgpt.preparation",
         "PrepareArgs",
         "run_prepare",
         "tokenize a corpus into a data folder (train.bin, val.bin, meta.json)",

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from tqdm import tqdm
 
 from smallgpt.chat.corpora import read_dialogues
 from smallgpt.chat.format import CHAT_TOKENS, ChatFormat, Conversation, cut_turn, join_turns, windows
-from smallgpt.data.prepare import SPLITS, Counts, PrepareArgs, _meta, _route_by_document
+from smallgpt.data.prepare import SPLITS, Counts, PrepareArgs, check_args, dataset_meta, route_by_document
 from smallgpt.data.sources import Source
 from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, save_tokenizer
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir, atomic_write_json
+from smallgpt.progress import progress_bar
 
 CHAT_SUFFIXES = (".txt", ".json", ".jsonl")
 FLUSH_TOKENS = 1 << 20  # ids held per split before they are appended to the files
@@ -32,6 +32,7 @@ FLUSH_TOKENS = 1 << 20  # ids held per split before they are appended to the fil
 
 def prepare_chat(args: PrepareArgs, fmt: str) -> dict[str, Any]:
     """Prepare a chat data folder from dialogue files; returns its meta (also in meta.json)."""
+    check_args(args)
     if args.block_size < 8:
         raise UserError(f"--block-size must be at least 8 tokens, not {args.block_size}")
     source = _chat_source(args.input or args.source)
@@ -43,7 +44,7 @@ def prepare_chat(args: PrepareArgs, fmt: str) -> dict[str, Any]:
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with atomic_dir(out) as tmp:
         stats, chat = _write_splits(source, fmt, tok, counts, args, dtype, tmp)
-        meta = _meta(source, tok, counts, stats, args, dtype)
+        meta = dataset_meta(source, tok, counts, stats, args, dtype)
         meta["chat"] = {"format": fmt, "block_size": args.block_size, **chat}
         save_tokenizer(tok, tmp / "tokenizer.json")
         atomic_write_json(tmp / "meta.json", meta)
@@ -98,23 +99,25 @@ def _write_splits(
     stats = {k: dict.fromkeys(SPLITS, 0) for k in ("documents", "tokens", "bytes")}
     chat = {"windows": 0, "cut_turns": 0}
     dialogues = ((conversation, True) for conversation in read_dialogues(source.files, fmt))
-    routed = _route_by_document(dialogues, counts.documents, args.val_fraction, args.seed)
+    routed = route_by_document(dialogues, counts.documents, args.val_fraction, args.seed)
     held: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {split: [] for split in SPLITS}
     held_tokens = dict.fromkeys(SPLITS, 0)
     kinds = ("bin", "mask.bin")
     files = {(split, kind): open(folder / f"{split}.{kind}", "wb") for split in SPLITS for kind in kinds}
     try:
-        for conversation, _, split in tqdm(routed, total=counts.documents, unit="dialogue", desc="tokenize"):
-            parts = _encode_windows(chat_format, conversation, args.block_size, chat)
-            held[split] += parts
-            stats["documents"][split] += 1
-            stats["bytes"][split] += sum(len(t.text.encode("utf-8")) for t in conversation)
-            n_tokens = sum(len(ids) for ids, _ in parts)
-            stats["tokens"][split] += n_tokens
-            held_tokens[split] += n_tokens
-            if held_tokens[split] >= FLUSH_TOKENS:
-                _flush(held[split], files, split, dtype)
-                held_tokens[split] = 0
+        with progress_bar(total=counts.documents, unit="dialogue", desc="tokenize") as bar:
+            for conversation, _, split in routed:
+                parts = _encode_windows(chat_format, conversation, args.block_size, chat)
+                held[split] += parts
+                stats["documents"][split] += 1
+                stats["bytes"][split] += sum(len(t.text.encode("utf-8")) for t in conversation)
+                n_tokens = sum(len(ids) for ids, _ in parts)
+                stats["tokens"][split] += n_tokens
+                held_tokens[split] += n_tokens
+                if held_tokens[split] >= FLUSH_TOKENS:
+                    _flush(held[split], files, split, dtype)
+                    held_tokens[split] = 0
+                bar.update(1)
         for split in SPLITS:
             _flush(held[split], files, split, dtype)
     finally:

@@ -1,6 +1,6 @@
 """Data preparation: sources of text, tokenizers, and the prepared train/val token files."""
 
-from smallgpt.data.prepare import META_FORMAT_VERSION, PrepareArgs, load_meta, run_prepare
+from smallgpt.data.prepare import META_FORMAT_VERSION, PrepareArgs, load_meta, prepare_text
 from smallgpt.data.sources import Source, open_source
 from smallgpt.data.tokenizers import (
     Tokenizer,
@@ -19,7 +19,7 @@ __all__ = [
     "load_meta",
     "load_tokenizer",
     "open_source",
-    "run_prepare",
+    "prepare_text",
     "save_tokenizer",
     "tokenizer_from_dict",
 ]

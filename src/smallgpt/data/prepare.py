@@ -78,17 +78,16 @@ class Counts:
     bytes: int = 0  # UTF-8 bytes of the document text
 
 
-def run_prepare(args: PrepareArgs) -> dict[str, Any]:
-    """Prepare a dataset folder and return its meta (also written to meta.json)."""
+def check_args(args: PrepareArgs) -> None:
+    """What text and chat preparation both need of their arguments."""
     if not 0 <= args.val_fraction <= 0.5:
         raise UserError(f"--val-fraction must be between 0 and 0.5, not {args.val_fraction}")
     check_kind(args.tokenizer)
-    fmt = _data_format(args)
-    if fmt != "text":
-        from smallgpt.chat.prepare import prepare_chat  # chat imports this module
 
-        return prepare_chat(args, fmt)
 
+def prepare_text(args: PrepareArgs) -> dict[str, Any]:
+    """Prepare a dataset folder of documents and return its meta (also written to meta.json)."""
+    check_args(args)
     source = open_source(args.source, args.input)
     tok, counts = scan(source, args.tokenizer)
     print(f"length of dataset in characters: {counts.characters:,}")
@@ -98,7 +97,7 @@ def run_prepare(args: PrepareArgs) -> dict[str, Any]:
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with atomic_dir(out) as tmp:
         stats = write_splits(source, tok, counts, args, dtype, tmp)
-        meta = _meta(source, tok, counts, stats, args, dtype)
+        meta = dataset_meta(source, tok, counts, stats, args, dtype)
         save_tokenizer(tok, tmp / "tokenizer.json")
         atomic_write_json(tmp / "meta.json", meta)
 
@@ -108,19 +107,6 @@ def run_prepare(args: PrepareArgs) -> dict[str, Any]:
         print(f"{split} has {meta['counts']['tokens'][split]:,} tokens")
     print(f"wrote {out}/ (train.bin, val.bin, meta.json, tokenizer.json)")
     return meta
-
-
-def _data_format(args: PrepareArgs) -> str:
-    """text, or the dialogue format to read: chat (detect per file) or a reader's name."""
-    from smallgpt.chat.corpora import READERS
-
-    known = ("auto", "text", "chat", *READERS)
-    if args.format not in known:
-        raise UserError(f"unknown --format {args.format!r}; known: {', '.join(known)}")
-    if args.format != "auto":
-        return args.format
-    path = args.input or args.source or ""
-    return "chat" if Path(path).suffix in (".json", ".jsonl") else "text"
 
 
 def scan(source: Source, kind: str) -> tuple[Tokenizer, Counts]:
@@ -167,10 +153,10 @@ def _route(
     """(text, ends_document, split) for every segment."""
     if counts.documents == 1 and val_fraction > 0:
         return _route_by_position(segments, counts.characters, val_fraction)
-    return _route_by_document(segments, counts.documents, val_fraction, seed)
+    return route_by_document(segments, counts.documents, val_fraction, seed)
 
 
-def _route_by_document(
+def route_by_document(
     segments: Iterable[tuple[str, bool]], n_docs: int, val_fraction: float, seed: int
 ) -> Iterator[tuple[str, bool, str]]:
     """Each document goes to val with probability val_fraction, drawn in document order.
@@ -259,7 +245,7 @@ def _write_batch(
             stats["tokens"][split] += len(data)
 
 
-def _meta(
+def dataset_meta(
     source: Source,
     tok: Tokenizer,
     counts: Counts,

@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from smallgpt.data.tokenizers import EOT
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir, sha256_file
 from smallgpt.progress import progress_bar
 
-EOT = "<|endoftext|>"
 CHUNK_BYTES = 4 << 20
 
 TINYSHAKESPEARE_URL = (
