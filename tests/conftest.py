@@ -1,7 +1,11 @@
+"""Fixtures shared by the test files: the shared corpora and the tiny shakespeare char dataset."""
+
 from pathlib import Path
 
 import pytest
 import torch
+
+from smallgpt.preparation import PrepareArgs, run_prepare
 
 # Test models are tiny: on a busy shared machine extra intra-op threads only spin-wait on each
 # other (40 steps of a 2-layer model: 30 s with 2 threads, 1 s with 1).
@@ -14,3 +18,11 @@ def shared_data() -> Path:
     path = Path(__file__).resolve().parents[2] / "shared" / "data"
     assert path.is_dir(), f"shared test data folder {path} is missing"
     return path
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, shared_data) -> Path:
+    """tiny shakespeare prepared with the char tokenizer, once for the whole session (read-only)."""
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    run_prepare(PrepareArgs(input=str(shared_data / "tinyshakespeare" / "input.txt"), out=str(out)))
+    return out

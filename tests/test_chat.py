@@ -19,6 +19,7 @@ from smallgpt.chat.format import (
     windows,
 )
 from smallgpt.chat.repl import ChatSession
+from smallgpt.cli import main
 from smallgpt.config import load_config
 from smallgpt.data.tokenizers import build_tokenizer, load_tokenizer, tokenizer_from_dict
 from smallgpt.errors import UserError
@@ -232,7 +233,7 @@ def chat_run(tmp_path_factory):
     """A tiny model that learned three exchanges by heart (greedy replies are predictable)."""
     root = tmp_path_factory.mktemp("chat")
     (root / "qa.txt").write_text("\n\n".join(f"{q}\n{a}" for q, a in QA * 30), encoding="utf-8")
-    run_prepare(PrepareArgs(input=str(root / "qa.txt"), format="chat", out=str(root / "data")))
+    run_prepare(PrepareArgs(input=str(root / "qa.txt"), format="chat", out=str(root / "data"), block_size=32))
     overrides = ["--block_size=32", "--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8"]
     overrides += ["--eval_iters=2", "--eval_interval=150", "--max_iters=150", "--learning_rate=1e-2"]
     overrides += ["--loss_on=bot", "--progress=false", "--device=cpu"]
@@ -290,3 +291,50 @@ def test_loss_on_picks_the_mask(chat_run, tmp_path):
     run_prepare(PrepareArgs(input=str(tmp_path / "plain.txt"), out=str(tmp_path / "text")))
     with pytest.raises(UserError, match=r"loss_on=bot needs .*train.mask.bin"):
         train_sampler(tmp_path / "text", "bot")
+
+
+def test_chat_windows_must_fit_the_models_context(tmp_path):
+    """Chat data cut into windows of 128 tokens cannot train a 64-token model (it would see replies
+    without their message): a one-line error. Windows of 64 in a 128-token context are fine."""
+    (tmp_path / "qa.txt").write_text("\n\n".join(f"{q}\n{a}" for q, a in QA * 100), encoding="utf-8")
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--batch_size=2", "--eval_iters=1", "--max_iters=1"]
+    tiny += ["--progress=false", "--device=cpu"]
+    for block in (64, 128):
+        out = str(tmp_path / f"data{block}")
+        assert (
+            main(
+                [
+                    "prepare",
+                    "--input",
+                    str(tmp_path / "qa.txt"),
+                    "--format",
+                    "chat",
+                    "--block-size",
+                    str(block),
+                    "--out",
+                    out,
+                ]
+            )
+            == 0
+        )
+    done = smallgpt(
+        "train", f"--dataset={tmp_path / 'data128'}", f"--out_dir={tmp_path / 'a'}", "--block_size=64", *tiny
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: {tmp_path / 'data128'} holds chat windows of up to 128 tokens, longer than block_size 64: "
+        "prepare it with --block-size 64 or train with block_size=128"
+    ]
+    assert (
+        main(
+            [
+                "train",
+                f"--dataset={tmp_path / 'data64'}",
+                f"--out_dir={tmp_path / 'b'}",
+                "--block_size=128",
+                *tiny,
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "b" / "ckpt" / "last" / "model.safetensors").is_file()

@@ -17,7 +17,6 @@ from smallgpt.cli import pop_nproc
 from smallgpt.config import load_config
 from smallgpt.data.loader import BatchSampler
 from smallgpt.errors import UserError
-from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train import checkpoint
 from smallgpt.train.distributed import torchrun_command
 from smallgpt.train.run import train
@@ -41,13 +40,6 @@ ARGS = [
     "--progress=false",
     "--device=cpu",
 ]
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory, shared_data):
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    run_prepare(PrepareArgs(input=str(shared_data / "tinyshakespeare" / "input.txt"), out=str(out)))
-    return out
 
 
 def launch(command: list[str], timeout: float = 120) -> subprocess.CompletedProcess:

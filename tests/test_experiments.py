@@ -9,19 +9,16 @@ from smallgpt.errors import UserError
 from smallgpt.experiments.compare import CompareArgs, compare
 from smallgpt.experiments.metrics import ExportArgs, events, export_metrics
 from smallgpt.experiments.plot import PlotArgs, plot
-from smallgpt.preparation import PrepareArgs, run_prepare
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, shared_data):
+def config(tmp_path_factory, char_data):
     root = tmp_path_factory.mktemp("compare")
-    data = root / "data"
-    run_prepare(PrepareArgs(input=str(shared_data / "tinyshakespeare" / "input.txt"), out=str(data)))
     path = root / "tiny.yaml"
     path.write_text(
-        f"dataset: {data}\nblock_size: 16\nn_layer: 1\nn_head: 2\nn_embd: 16\nbatch_size: 2\n"
+        f"dataset: {char_data}\nblock_size: 16\nn_layer: 1\nn_head: 2\nn_embd: 16\nbatch_size: 2\n"
         "max_iters: 4\neval_interval: 2\neval_iters: 2\nlog_interval: 1\nprogress: false\ndevice: cpu\n"
     )
     return path

@@ -235,10 +235,8 @@ def test_fine_tune_from_a_hugging_face_folder(hf_gpt2, gpt2_data, tmp_path):
         assert 0 < (ours - theirs).abs().max() < 0.02
 
 
-def test_fine_tune_needs_the_models_tokenizer(hf_gpt2, tmp_path, shared_data):
+def test_fine_tune_needs_the_models_tokenizer(hf_gpt2, tmp_path, char_data):
     _, folder = hf_gpt2
-    char_data = tmp_path / "char"
-    run_prepare(PrepareArgs(input=str(shared_data / "tinyshakespeare" / "input.txt"), out=str(char_data)))
     with pytest.raises(UserError, match="--tokenizer gpt2"):
         train(load_config(None, train_args(char_data, tmp_path / "x", f"--init_from={folder}")[1:]))
 

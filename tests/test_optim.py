@@ -8,7 +8,6 @@ import torch
 from smallgpt.config import OptimConfig, load_config
 from smallgpt.errors import UserError
 from smallgpt.model.gpt import GPT, ModelConfig
-from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train.optim import CombinedOptimizer, SophiaG, build_optimizer, hidden_matrices
 from smallgpt.train.run import train
 
@@ -92,13 +91,6 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
 def test_sophiag_rejects_bad_settings():
     with pytest.raises(UserError, match="hessian_interval"):
         SophiaG(tiny_model().parameters(), hessian_interval=0)
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory, shared_data):
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    run_prepare(PrepareArgs(input=str(shared_data / "tinyshakespeare" / "input.txt"), out=str(out)))
-    return out
 
 
 def test_trainer_estimates_the_hessian_exactly_every_k_steps(char_data, tmp_path, monkeypatch):

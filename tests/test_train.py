@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from smallgpt.config import load_config
 from smallgpt.errors import UserError
@@ -13,13 +14,6 @@ from smallgpt.train.schedule import lr_at
 
 TINY = ["--block_size=32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=4"]
 QUIET = ["--progress=false", "--device=cpu"]
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory, shared_data):
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    run_prepare(PrepareArgs(input=str(shared_data / "tinyshakespeare" / "input.txt"), out=str(out)))
-    return out
 
 
 def run(data, out_dir, *extra):
@@ -142,3 +136,25 @@ def test_lr_schedule_warmup_cosine_floor():
     by_time = [lr_at(200, config.optim, time_used=f) for f in (0.0, 0.5, 1.0, 3.0)]
     assert by_time == pytest.approx([1.0, 0.55, 0.1, 0.1])  # the cosine over the time budget
     assert lr_at(3, config.optim, time_used=0.9) == lrs[3]  # warmup stays in iterations
+
+
+def test_resume_takes_the_architecture_from_the_checkpoint_and_dropout_from_the_command_line(
+    char_data, tmp_path
+):
+    run_dir = tmp_path / "run"
+    run(char_data, run_dir, "--max_iters=4", "--eval_interval=2", "--dropout=0.0")
+    # the architecture given again differs: the checkpoint's wins; dropout is a training setting
+    run(
+        char_data,
+        run_dir,
+        "--max_iters=8",
+        "--eval_interval=2",
+        "--init_from=resume",
+        "--dropout=0.1",
+        "--n_layer=3",
+    )
+    resumed = checkpoint.load_model(run_dir / "ckpt" / "last")
+    assert (resumed.config.dropout, resumed.config.n_layer) == (0.1, 2)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["model"]["dropout"], saved["model"]["n_layer"]) == (0.1, 2)
+    assert checkpoint.load_state(run_dir / "ckpt" / "last")["iter_num"] == 8

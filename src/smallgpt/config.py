@@ -94,10 +94,6 @@ class Config:
             "eval_interval": t.eval_interval,
             "eval_iters": t.eval_iters,
             "log_interval": self.log.log_interval,
-            "block_size": self.model.block_size,
-            "n_layer": self.model.n_layer,
-            "n_head": self.model.n_head,
-            "n_embd": self.model.n_embd,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -114,10 +110,7 @@ class Config:
         for key, value in non_negative.items():
             if value < 0:
                 raise UserError(f"config {key} must not be negative, got {value}")
-        if self.model.n_embd % self.model.n_head:
-            raise UserError(
-                f"config n_embd ({self.model.n_embd}) must be divisible by n_head ({self.model.n_head})"
-            )
+        self.model.validate(vocab_known=False)
         if t.init_from not in ("scratch", "resume"):
             from smallgpt.model.hub import HUB_MODELS
 
@@ -297,9 +290,3 @@ def save_config(config: Config, path: str | Path) -> None:
     from smallgpt.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True))
-
-
-def config_from_dict(values: dict[str, Any], where: str) -> Config:
-    config = Config()
-    apply_values(config, values, where)
-    return config

@@ -34,10 +34,15 @@ class ModelConfig:
     rope_theta: float = 10000.0
     qk_norm: bool = False  # normalise queries and keys per head before attention
 
-    def validate(self) -> None:
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+    def validate(self, vocab_known: bool = True) -> None:
+        """The one place architecture values are checked. `vocab_known=False` (a training config)
+        also accepts vocab_size 0: training takes it from the data's tokenizer."""
+        sizes = ("block_size", "n_layer", "n_head", "n_embd", *(("vocab_size",) if vocab_known else ()))
+        for name in sizes:
             if getattr(self, name) <= 0:
-                raise UserError(f"model {name} must be a positive integer, got {getattr(self, name)}")
+                raise UserError(f"model {name} must be positive, got {getattr(self, name)}")
+        if self.vocab_size < 0:
+            raise UserError(f"model vocab_size must not be negative, got {self.vocab_size}")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def bytes_per_token(meta: dict) -> dict[str, float]:
 
 
 def resume_checkpoint(config: Config, run_dir: Path, fingerprint: str) -> Path | None:
-    """The checkpoint to resume from, with the model shape it was trained with."""
+    """The checkpoint to resume from; `config.model` takes the architecture it was trained with."""
     if config.train.init_from != "resume":
         return None
     ckpt = resolve_dir(run_dir / "ckpt" / "last")
@@ -82,8 +83,20 @@ def resume_checkpoint(config: Config, run_dir: Path, fingerprint: str) -> Path |
         raise UserError(
             f"checkpoint {ckpt} was trained with a different tokenizer than dataset {config.data.dataset}"
         )
-    config.model = checkpoint.read_model_config(ckpt)  # the architecture is the checkpoint's
+    # as in nanoGPT: the architecture is the checkpoint's, dropout (a training setting) this run's
+    config.model = replace(checkpoint.read_model_config(ckpt), dropout=config.model.dropout)
     return ckpt
+
+
+def check_chat_windows(meta: dict, block_size: int, data_dir: Path) -> None:
+    """Chat data is cut into windows of whole turns that fit `prepare --block-size`; a model with a
+    shorter context would see windows in pieces, replies without the message they answer."""
+    prepared = meta.get("chat", {}).get("block_size")
+    if prepared is not None and block_size < prepared:
+        raise UserError(
+            f"{data_dir} holds chat windows of up to {prepared} tokens, longer than block_size {block_size}: "
+            f"prepare it with --block-size {block_size} or train with block_size={prepared}"
+        )
 
 
 def pretrained_model(config: Config, tokenizer: Tokenizer, data_dir: Path) -> GPT | None:
@@ -126,6 +139,7 @@ def _train(config: Config, info: DistInfo) -> dict[str, float]:
     ckpt = resume_checkpoint(config, run_dir, tokenizer.fingerprint())
     pretrained = pretrained_model(config, tokenizer, data_dir)
     fit_vocab(config.model, tokenizer.vocab_size, data_dir)
+    check_chat_windows(meta, config.model.block_size, data_dir)
     torch.manual_seed(config.train.seed + info.rank)
     model = (pretrained if pretrained is not None else GPT(config.model)).to(info.device)
     optimizer = build_optimizer(model, config.optim, info.device.type)
