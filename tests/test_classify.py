@@ -225,6 +225,9 @@ def test_separable_task_reaches_full_accuracy(trained, capsys):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if m["event"] == "eval"]
     assert evals[-1]["val_accuracy"] >= 0.97 and "val_macro_f1" in evals[-1]
+    # tokens count the texts (3 to 24 tokens, about 16 on average), not batch_size x block_size (16 x 24)
+    last = [m for m in metrics if m["event"] == "train"][-1]
+    assert 16 * 12 < last["tokens"] / (last["iter"] + 1) < 16 * 20
     assert main(["classify", "eval", "--run", str(run), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "true \\ predicted" in out
@@ -311,20 +314,22 @@ def epoch_of_batches(batches):
 @pytest.mark.parametrize("group_by_length", [False, True])
 def test_an_epoch_holds_every_text_once_and_resumes_exactly(group_by_length):
     batches = make_batches(group_by_length, n=1005)  # 5 texts over whole batches: dropped this epoch
-    seen = np.concatenate([labels.numpy() for _, _, labels in epoch_of_batches(batches)])
+    epoch = epoch_of_batches(batches)
+    seen = np.concatenate([batch.labels.numpy() for batch in epoch])
+    assert all(batch.tokens == int(batch.real.sum()) for batch in epoch)  # text tokens, not padding
     assert len(seen) == len(set(seen.tolist())) == 1000
     for _ in range(3):  # into the next epoch
         batches.next_batch()
     resumed = make_batches(group_by_length, n=1005)
     resumed.load_state_dict(batches.state_dict())
-    for (x1, r1, y1), (x2, r2, y2) in zip(epoch_of_batches(batches), epoch_of_batches(resumed)):
-        assert torch.equal(x1, x2) and torch.equal(r1, r2) and torch.equal(y1, y2)
+    for a, b in zip(epoch_of_batches(batches), epoch_of_batches(resumed)):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.real, b.real) and torch.equal(a.labels, b.labels)
 
 
 def test_grouping_by_length_cuts_padding_and_keeps_batches_mixed():
     def padding_and_first_batch(group_by_length):
         epoch = epoch_of_batches(make_batches(group_by_length))
-        return sum(int((~real).sum()) for _, real, _ in epoch), epoch[0][2].tolist()
+        return sum(int((~batch.real).sum()) for batch in epoch), epoch[0].labels.tolist()
 
     plain_padding, plain_first = padding_and_first_batch(False)
     grouped_padding, grouped_first = padding_and_first_batch(True)

@@ -10,7 +10,7 @@ from smallgpt.experiments.metrics import events
 from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train import checkpoint
 from smallgpt.train.run import train
-from smallgpt.train.schedule import lr_at
+from smallgpt.train.schedule import LRSchedule, lr_at
 
 TINY = ["--block_size=32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=4"]
 QUIET = ["--progress=false", "--device=cpu"]
@@ -128,14 +128,15 @@ def test_lr_schedule_warmup_cosine_floor():
     config = load_config(
         None, ["--learning_rate=1.0", "--min_lr=0.1", "--warmup_iters=10", "--lr_decay_iters=110"]
     )
-    lrs = [lr_at(i, config.optim) for i in range(200)]
+    schedule = LRSchedule.from_optim(config.optim)
+    lrs = [lr_at(i, schedule) for i in range(200)]
     assert lrs[0] < lrs[9] < 1.0 and lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55)  # halfway through the cosine
     assert lrs[110] == lrs[199] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    by_time = [lr_at(200, config.optim, time_used=f) for f in (0.0, 0.5, 1.0, 3.0)]
+    by_time = [lr_at(200, schedule, time_used=f) for f in (0.0, 0.5, 1.0, 3.0)]
     assert by_time == pytest.approx([1.0, 0.55, 0.1, 0.1])  # the cosine over the time budget
-    assert lr_at(3, config.optim, time_used=0.9) == lrs[3]  # warmup stays in iterations
+    assert lr_at(3, schedule, time_used=0.9) == lrs[3]  # warmup stays in iterations
 
 
 def test_resume_takes_the_architecture_from_the_checkpoint_and_dropout_from_the_command_line(

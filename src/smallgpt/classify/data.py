@@ -11,6 +11,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -220,6 +221,13 @@ def collate(
     return torch.from_numpy(batch).to(device), torch.from_numpy(real).to(device)
 
 
+class ClassifyBatch(NamedTuple):
+    ids: torch.Tensor  # (B, T) token ids, padded with end-of-text
+    real: torch.Tensor  # (B, T) True at text tokens, False at padding
+    labels: torch.Tensor  # (B,) class ids
+    tokens: int  # text tokens in the batch, padding not counted
+
+
 class ClassifyBatches:
     """Training batches: a seeded order per epoch, padded per batch; resumable (epoch, position).
 
@@ -263,14 +271,15 @@ class ClassifyBatches:
         batches = order.reshape(-1, self.batch_size)
         return batches[rng.permutation(len(batches))].reshape(-1)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> ClassifyBatch:
         if self.position >= len(self._order):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._epoch_order()
         rows = self._order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         x, real = collate([self.ids[i] for i in rows], self.pad_id, self.padding_side, self.device)
-        return x, real, torch.from_numpy(self.labels[rows]).to(self.device)
+        labels = torch.from_numpy(self.labels[rows]).to(self.device)
+        return ClassifyBatch(x, real, labels, int(self.lengths[rows].sum()))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

@@ -7,7 +7,6 @@ validation split whose error (1 - accuracy) picks ckpt/best and drives early sto
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -20,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smallgpt.classify.data import (
+    ClassifyBatch,
     ClassifyBatches,
     Examples,
     encode_texts,
@@ -39,15 +39,14 @@ from smallgpt.classify.evaluate import (
     report,
 )
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier
-from smallgpt.config import Config, LogConfig, OptimConfig, TrainConfig
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from smallgpt.model.gpt import ModelConfig
 from smallgpt.runs import load_run
 from smallgpt.train.distributed import DistInfo
-from smallgpt.train.optim import build_optimizer
-from smallgpt.train.trainer import LossFn, Trainer
+from smallgpt.train.optim import adamw, decay_groups
+from smallgpt.train.schedule import LRSchedule
+from smallgpt.train.trainer import LoopSettings, LossFn, Trainer
 
 
 @dataclass
@@ -193,41 +192,30 @@ def load_splits(args: ClassifyOptions) -> Splits:
 def classification_loss(lm_loss_weight: float) -> LossFn:
     """The Trainer's loss: cross-entropy on the labels, plus the weighted next-token loss if any."""
 
-    def loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x, real, labels = batch
+    def loss(model: nn.Module, batch: ClassifyBatch) -> torch.Tensor:
         if lm_loss_weight == 0:
-            return F.cross_entropy(model(x, real).float(), labels)
-        logits, lm_loss = model(x, real, with_lm_loss=True)
-        return F.cross_entropy(logits.float(), labels) + lm_loss_weight * lm_loss
+            return F.cross_entropy(model(batch.ids, batch.real).float(), batch.labels)
+        logits, lm_loss = model(batch.ids, batch.real, with_lm_loss=True)
+        return F.cross_entropy(logits.float(), batch.labels) + lm_loss_weight * lm_loss
 
     return loss
 
 
-def trainer_config(args: ClassifyOptions, model_config: ModelConfig, train_size: int) -> Config:
-    """The shared Trainer's Config: epochs become max_iters, evaluation defaults to once per epoch."""
+def loop_settings(args: ClassifyOptions, train_size: int) -> LoopSettings:
+    """The shared Trainer's settings: epochs become max_iters, evaluation defaults to once per epoch,
+    the lr decays (cosine) to a tenth by the last step."""
     steps_per_epoch = max(1, train_size // args.batch_size)
     max_iters = args.max_iters or math.ceil(args.epochs * steps_per_epoch)
-    return Config(
-        model=copy.deepcopy(model_config),
-        train=TrainConfig(
-            out_dir=args.out_dir,
-            batch_size=args.batch_size,
-            max_iters=max_iters,
-            eval_interval=args.eval_interval or steps_per_epoch,
-            eval_iters=1,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
-            compile=args.compile,
-        ),
-        optim=OptimConfig(
-            learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay,
-            warmup_iters=args.warmup_iters,
-            lr_decay_iters=max_iters,
-            min_lr=args.learning_rate / 10,
-        ),
-        log=LogConfig(progress=args.progress, log_interval=max(1, min(50, max_iters // 20))),
+    schedule = LRSchedule(args.learning_rate, args.learning_rate / 10, args.warmup_iters, max_iters)
+    return LoopSettings(
+        max_iters=max_iters,
+        eval_interval=args.eval_interval or steps_per_epoch,
+        schedule=schedule,
+        dtype=args.dtype,
+        compile=args.compile,
+        log_interval=max(1, min(50, max_iters // 20)),
+        progress=args.progress,
+        patience=args.patience,
     )
 
 
@@ -270,7 +258,7 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, float]:
     labels = {s: label_ids(getattr(splits, s), splits.names) for s in encoded}
     print(f"classes: {', '.join(splits.names)}; train counts {np.bincount(labels['train']).tolist()}")
 
-    config = trainer_config(args, backbone.config, len(labels["train"]))
+    settings = loop_settings(args, len(labels["train"]))
     torch.manual_seed(args.seed)
     model = GPTClassifier(backbone, classifier).to(device)
     eot = tokenizer.eot_id
@@ -293,15 +281,17 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_files(args, splits, run_dir, (Path(args.init_from) / "tokenizer.json").read_bytes())
     trainer = Trainer(
-        config,
+        settings,
         model,
-        build_optimizer(model, config.optim, device.type),
+        backbone.config,
+        adamw(decay_groups(model.parameters(), args.weight_decay), args.learning_rate, device.type),
         train_source,
         eval_sources={},
         run_dir=run_dir,
         dist=DistInfo(False, 0, 0, 1, device),
         # a frozen backbone cannot learn from the next-token loss: skip its cost
         loss_fn=classification_loss(0.0 if args.freeze_backbone else args.lm_loss_weight),
+        count_tokens=lambda batch: batch.tokens,  # the texts' tokens, not their padding
         checkpoint_info={
             "tokenizer_fingerprint": tokenizer.fingerprint(),
             "classifier": json.dumps(classifier.to_dict()),
@@ -309,10 +299,9 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, float]:
         },
         monitor="val_error",
         evaluate_fn=evaluate_val,
-        patience=args.patience,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"trainable parameters: {trainable / 1e6:.3f}M; {config.train.max_iters} steps on {device}")
+    print(f"trainable parameters: {trainable / 1e6:.3f}M; {settings.max_iters} steps on {device}")
     start = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - start

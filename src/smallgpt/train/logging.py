@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smallgpt.config import Config
 from smallgpt.errors import UserError
 
 
@@ -18,24 +18,39 @@ def _need(package: str, extra: str) -> Any:
         raise UserError(f"{package} is not installed: pip install {package} (or smallgpt[{extra}])") from None
 
 
+@dataclass
+class WandbRun:
+    """A wandb run to log to: its project, name and the settings shown with it."""
+
+    project: str
+    name: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
 class MetricsLogger:
     """Appends one JSON object per event to metrics.jsonl and forwards scalars to the backends."""
 
-    def __init__(self, run_dir: str | Path, config: Config, resume: bool = False):
-        self._tensorboard = None
-        self._wandb = None
-        if config.log.tensorboard:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        resume: bool = False,
+        tensorboard: bool = False,
+        wandb_run: WandbRun | None = None,
+    ):
+        self._tensorboard: Any = None
+        self._wandb: Any = None
+        if tensorboard:
             _need("tensorboard", "tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
             self._tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-        if config.log.wandb_log:
+        if wandb_run is not None:
             wandb = _need("wandb", "wandb")
             # WANDB_MODE=offline works with no network; wandb sync uploads later
             wandb.init(
-                project=config.log.wandb_project,
-                name=config.log.wandb_run_name,
-                config=config.to_dict(),
+                project=wandb_run.project,
+                name=wandb_run.name,
+                config=wandb_run.settings,
                 dir=str(run_dir),
                 resume="allow" if resume else None,
             )

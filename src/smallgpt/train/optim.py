@@ -1,20 +1,22 @@
 """Optimizers, chosen by name from the config (`optimizer: adamw | sophiag | muon`).
 
 The trainer sets every group's lr to `schedule(it) * group["lr_scale"]`, so an optimizer whose groups
-need different learning rates (Muon's matrices) says so with `lr_scale`. An optimizer that wants a
-curvature estimate (SophiaG) has a `hessian_interval` and an `update_hessian(tokens, grad_scale)`;
-an optimizer with something to report has `log_metrics()`.
+need different learning rates (Muon's matrices) says so with `lr_scale`. Two optional hooks:
+`after_step(step, model, batch, autocast, grad_scale)`, called after every optimizer step with the
+last micro-batch (SophiaG estimates its Hessian there), and `log_metrics()`, extra values to log.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from smallgpt.config import OptimConfig
+from smallgpt.data.loader import Batch
 from smallgpt.errors import UserError
 
 
@@ -35,21 +37,27 @@ def betas(optim: OptimConfig, default: tuple[float, float]) -> tuple[float, floa
     )
 
 
-def adamw(groups: list[dict], optim: OptimConfig, device_type: str) -> torch.optim.AdamW:
+ADAMW_BETAS = (0.9, 0.95)
+
+
+def adamw(
+    groups: list[dict], lr: float, device_type: str, betas: tuple[float, float] = ADAMW_BETAS
+) -> torch.optim.AdamW:
     # the fused kernel is one launch for all parameters; it exists for CUDA and CPU tensors
     fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=optim.learning_rate, betas=betas(optim, (0.9, 0.95)), fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 def build_adamw(model: nn.Module, optim: OptimConfig, device_type: str) -> torch.optim.Optimizer:
-    return adamw(decay_groups(model.parameters(), optim.weight_decay), optim, device_type)
+    groups = decay_groups(model.parameters(), optim.weight_decay)
+    return adamw(groups, optim.learning_rate, device_type, betas(optim, ADAMW_BETAS))
 
 
 class SophiaG(torch.optim.Optimizer):
     """SophiaG (Liu et al. 2023, arXiv:2305.14342): momentum divided by an EMA of the diagonal
     Hessian, clipped per coordinate to [-1, 1], times lr; decoupled weight decay as AdamW.
 
-    The Hessian EMA is fed by `update_hessian`, called by the trainer every `hessian_interval` steps
+    The Hessian EMA is fed by `update_hessian`, called by `after_step` every `hessian_interval` steps
     right after a backward pass of the loss on labels sampled from the model's own predictions (the
     Gauss-Newton-Bartlett estimator: tokens * g * g for that loss's mean gradient g). Until the first
     estimate the Hessian is zero, so every coordinate is clipped: a sign-momentum step.
@@ -91,6 +99,29 @@ class SophiaG(torch.optim.Optimizer):
                 if p.grad is not None:
                     g = p.grad.float() / grad_scale
                     self._state(p)["hessian"].mul_(beta2).addcmul_(g, g, value=(1 - beta2) * tokens)
+
+    def after_step(
+        self,
+        step: int,
+        model: nn.Module,
+        batch: Batch,
+        autocast: Callable[[], AbstractContextManager],
+        grad_scale: float,
+    ) -> None:
+        """The trainer's hook after optimizer step `step` (counted from 1): every hessian_interval
+        steps, the Gauss-Newton-Bartlett estimate on `batch` (inputs, targets, loss mask)."""
+        if step % self.hessian_interval:
+            return
+        x, y, mask = batch
+        with autocast():
+            logits = model(x, y)[0]  # with targets, the model returns every position's logits
+        sampled = torch.distributions.Categorical(logits=logits.float().detach()).sample()
+        if mask is not None:  # only where the real loss counts (e.g. chat: the bot's turns)
+            sampled = sampled.masked_fill(~mask.bool(), -1)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), sampled.flatten(), ignore_index=-1)
+        (loss * grad_scale).backward()  # fp16: scaled like the training loss, so small grads survive
+        self.update_hessian(tokens=int((sampled >= 0).sum()), grad_scale=grad_scale)
+        self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -191,7 +222,8 @@ def build_muon(model: nn.Module, optim: OptimConfig, device_type: str) -> Combin
         momentum=optim.muon_momentum,
         ns_steps=5,
     )
-    rest_optimizer = adamw(decay_groups(rest, optim.weight_decay), optim, device_type)
+    rest_groups = decay_groups(rest, optim.weight_decay)
+    rest_optimizer = adamw(rest_groups, optim.learning_rate, device_type, betas(optim, ADAMW_BETAS))
     # adamw first: its group is param_groups[0], whose lr the trainer logs (the schedule's own)
     return CombinedOptimizer({"adamw": rest_optimizer, "muon": muon})
 

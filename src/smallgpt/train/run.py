@@ -16,8 +16,10 @@ from smallgpt.io import atomic_write_bytes, atomic_write_json, resolve_dir
 from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.train import checkpoint
 from smallgpt.train.distributed import DistInfo, init_distributed, shutdown_distributed
+from smallgpt.train.logging import WandbRun
 from smallgpt.train.optim import build_optimizer
-from smallgpt.train.trainer import Trainer
+from smallgpt.train.schedule import LRSchedule
+from smallgpt.train.trainer import LoopSettings, Trainer
 
 EVAL_SEED_OFFSET = 10_000  # eval samplers draw from their own seeds, apart from training's
 
@@ -63,6 +65,30 @@ def samplers(config: Config, data_dir: Path, meta: dict, info: DistInfo):
         split: (lambda split=split: sampler(split, t.seed + EVAL_SEED_OFFSET)) for split in ("train", "val")
     }
     return train_source, eval_sources
+
+
+def loop_settings(config: Config) -> LoopSettings:
+    """The training loop's part of the config."""
+    t, log = config.train, config.log
+    wandb_run = WandbRun(log.wandb_project, log.wandb_run_name, config.to_dict()) if log.wandb_log else None
+    return LoopSettings(
+        max_iters=t.max_iters,
+        eval_interval=t.eval_interval,
+        schedule=LRSchedule.from_optim(config.optim),
+        eval_iters=t.eval_iters,
+        max_seconds=t.max_seconds,
+        eval_only=t.eval_only,
+        always_save_checkpoint=t.always_save_checkpoint,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        grad_clip=config.optim.grad_clip,
+        dtype=t.dtype,
+        compile=t.compile,
+        parallel=t.parallel,
+        log_interval=log.log_interval,
+        progress=log.progress,
+        tensorboard=log.tensorboard,
+        wandb_run=wandb_run,
+    )
 
 
 def bytes_per_token(meta: dict) -> dict[str, float]:
@@ -145,8 +171,9 @@ def _train(config: Config, info: DistInfo) -> dict[str, float]:
     optimizer = build_optimizer(model, config.optim, info.device.type)
     train_source, eval_sources = samplers(config, data_dir, meta, info)
     trainer = Trainer(
-        config,
+        loop_settings(config),
         model,
+        config.model,
         optimizer,
         train_source,
         eval_sources,
@@ -166,10 +193,11 @@ def _train(config: Config, info: DistInfo) -> dict[str, float]:
         atomic_write_bytes(run_dir / "tokenizer.json", (data_dir / "tokenizer.json").read_bytes())
         atomic_write_json(run_dir / "data_meta.json", meta)
         print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
+        t = config.train
+        tokens_per_iter = t.batch_size * config.model.block_size * t.gradient_accumulation_steps
         print(
-            f"tokens per iteration: {trainer.tokens_per_iter:,} "
-            f"({config.train.batch_size} x {config.model.block_size} x "
-            f"{config.train.gradient_accumulation_steps} accumulation); device {info.device}"
+            f"tokens per iteration: {tokens_per_iter:,} ({t.batch_size} x {config.model.block_size} x "
+            f"{t.gradient_accumulation_steps} accumulation); device {info.device}"
         )
         if ckpt is not None:
             print(f"resuming from {ckpt} at iteration {trainer.iter_num}")

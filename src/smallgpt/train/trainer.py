@@ -20,32 +20,61 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from smallgpt.config import Config
 from smallgpt.data.loader import Batch
 from smallgpt.errors import UserError
+from smallgpt.model.gpt import ModelConfig
 from smallgpt.progress import progress_bar
 from smallgpt.train import checkpoint, distributed
 from smallgpt.train.distributed import DistInfo
-from smallgpt.train.logging import MetricsLogger
-from smallgpt.train.schedule import lr_at
+from smallgpt.train.logging import MetricsLogger, WandbRun
+from smallgpt.train.schedule import LRSchedule, lr_at
 
 # dense bf16 peak FLOP/s of GPUs we can name; MFU is reported only for these
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 class BatchSource(Protocol):
-    def next_batch(self) -> Batch: ...
+    def next_batch(self) -> Any: ...  # a Batch for language modelling; whatever loss_fn reads otherwise
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
 
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]  # (model, batch) -> mean loss
 EvaluateFn = Callable[[nn.Module], dict[str, float]]  # the model (in eval mode) -> metrics
+CountTokens = Callable[[Any], int]  # batch -> tokens it holds (logged as tokens and tokens_per_sec)
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     x, y, mask = batch
     return model(x, y, loss_mask=mask)[1]
+
+
+def window_tokens(batch: Batch) -> int:
+    return batch[0].numel()
+
+
+@dataclass
+class LoopSettings:
+    """What the training loop needs to know; pretraining builds it from its Config (train/run.py),
+    classify from its own flags. Nothing else of a job's settings reaches the Trainer."""
+
+    max_iters: int
+    eval_interval: int
+    schedule: LRSchedule
+    eval_iters: int = 1  # batches per split in the default evaluation
+    max_seconds: float = 0.0  # stop after this much training time (0: no limit)
+    eval_only: bool = False
+    always_save_checkpoint: bool = True  # ckpt/last at every evaluation, not only on improvement
+    gradient_accumulation_steps: int = 1
+    grad_clip: float = 1.0  # 0: no clipping
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    parallel: str = "ddp"  # ddp | fsdp, under torchrun
+    log_interval: int = 10
+    progress: bool = True
+    tensorboard: bool = False
+    wandb_run: WandbRun | None = None
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -64,20 +93,30 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 @dataclass
+class Window:
+    """Iterations and tokens since the last log line, for its ms/iter and tokens/s."""
+
+    start: float = field(default_factory=time.perf_counter)
+    iters: int = 0
+    tokens: int = 0
+
+
+@dataclass
 class Trainer:
-    config: Config
+    settings: LoopSettings
     model: nn.Module  # the plain model; the trainer wraps it (compile, DDP) itself
+    model_config: ModelConfig  # the GPT's (a classifier's backbone's), written with every checkpoint
     optimizer: torch.optim.Optimizer
     train_source: BatchSource
     eval_sources: dict[str, Callable[[], BatchSource]]  # a fresh, fixed-seed sampler per split
     run_dir: Path
     dist: DistInfo
     loss_fn: LossFn = lm_loss
+    count_tokens: CountTokens = window_tokens
     checkpoint_info: dict[str, Any] = field(default_factory=dict)  # saved with every checkpoint
     bytes_per_token: dict[str, float] = field(default_factory=dict)  # for bits-per-byte metrics
     monitor: str = "val_loss"  # the metric that picks ckpt/best (lower is better)
     evaluate_fn: EvaluateFn | None = None  # replaces the mean loss over eval_iters batches
-    patience: int = 0  # stop after this many evaluations without improvement (0: never)
     iter_num: int = 0
     best_metric: float = math.inf
     tokens_seen: int = 0
@@ -85,7 +124,7 @@ class Trainer:
     stale_evals: int = 0  # evaluations since the monitored metric last improved
 
     def __post_init__(self) -> None:
-        t = self.config.train
+        t = self.settings
         self.device = self.dist.device
         self.dtype = autocast_dtype(t.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -106,7 +145,6 @@ class Trainer:
         # ranks split the evaluation batches too: each draws world_size batches and keeps its own
         self.eval_iters = math.ceil(t.eval_iters / self.dist.world_size)
         self.wrapped = distributed.wrap_model(self.model, self.optimizer, self.dist, t.parallel, t.compile)
-        self.tokens_per_iter = t.batch_size * self.config.model.block_size * t.gradient_accumulation_steps
         self.peak_flops = peak_flops(self.device)
         self.resumed = False
 
@@ -139,18 +177,18 @@ class Trainer:
             "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "rng": rng,
-            "config": self.config.to_dict(),
+            "parallel": self.settings.parallel,
             **self.checkpoint_info,
         }
         tags = {k: v for k, v in self.checkpoint_info.items() if isinstance(v, str)}
-        checkpoint.write_checkpoint(self.run_dir / "ckpt" / name, weights, self.config.model, state, tags)
+        checkpoint.write_checkpoint(self.run_dir / "ckpt" / name, weights, self.model_config, state, tags)
 
     def resume(self, ckpt_dir: Path) -> dict[str, Any]:
         """Load weights and the full training state from a checkpoint written by `save`."""
         state = checkpoint.load_state(ckpt_dir)
         # per-rank RNG states and the optimizer state's layout (FSDP's is keyed by name) must match
-        saved = (len(state["rng"]), state["config"]["train"].get("parallel", "ddp"))
-        if saved != (self.dist.world_size, self.config.train.parallel):
+        saved = (len(state["rng"]), state["parallel"])
+        if saved != (self.dist.world_size, self.settings.parallel):
             raise UserError(
                 f"checkpoint {ckpt_dir} was written by {saved[0]} processes with parallel={saved[1]}: "
                 "resume it with as many processes and the same parallel"
@@ -196,55 +234,42 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss."""
-        steps = self.accum_steps
+    def train_step(self) -> tuple[torch.Tensor, int]:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss
+        and the tokens this process trained on."""
+        steps, tokens = self.accum_steps, 0
         total = torch.zeros((), device=self.device)
         for micro in range(steps):
             batch = self.train_source.next_batch()
+            tokens += self.count_tokens(batch)
             if self.dist.ddp:  # reduce gradients only once, in the last micro-step's backward
                 distributed.set_grad_sync(self.wrapped, micro == steps - 1)
             with self.autocast():
                 loss = self.loss_fn(self.wrapped, batch) / steps
             self.scaler.scale(loss).backward()
             total += loss.detach()
-        if self.config.optim.grad_clip > 0:
+        if self.settings.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        hessian_interval = getattr(self.optimizer, "hessian_interval", 0)
-        if hessian_interval and (self.iter_num + 1) % hessian_interval == 0:
-            self.estimate_hessian(batch)
-        return total
-
-    def estimate_hessian(self, batch: Batch) -> None:
-        """Sophia's Gauss-Newton-Bartlett estimate: the gradient of the loss on labels sampled from
-        the model's own predictions; the optimizer squares it into its diagonal Hessian EMA."""
-        x, y, mask = batch
-        with self.autocast():
-            logits = self.wrapped(x, y)[0]  # with targets, the model returns every position's logits
-        sampled = torch.distributions.Categorical(logits=logits.float().detach()).sample()
-        if mask is not None:  # only where the real loss counts (e.g. chat: the bot's turns)
-            sampled = sampled.masked_fill(~mask.bool(), -1)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), sampled.flatten(), ignore_index=-1)
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0  # fp16: keep small grads
-        (loss * scale).backward()
-        tokens = int((sampled >= 0).sum())
-        self.optimizer.update_hessian(tokens=tokens, grad_scale=scale)
-        self.optimizer.zero_grad(set_to_none=True)
+        after_step = getattr(self.optimizer, "after_step", None)  # e.g. SophiaG's Hessian estimate
+        if after_step is not None:
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+            after_step(self.iter_num + 1, self.wrapped, batch, self.autocast, scale)
+        return total, tokens
 
     def _time_used(self) -> float | None:
         """The fraction of max_seconds trained so far, when the lr schedule runs on time."""
-        if self.config.optim.lr_decay_by != "seconds":
+        if self.settings.schedule.lr_decay_by != "seconds":
             return None
-        return self.train_seconds / self.config.train.max_seconds
+        return self.train_seconds / self.settings.max_seconds
 
     def _done(self) -> bool:
-        t = self.config.train
+        t = self.settings
         out_of_time = t.max_seconds > 0 and self.train_seconds >= t.max_seconds
-        out_of_patience = self.patience > 0 and self.stale_evals >= self.patience
+        out_of_patience = t.patience > 0 and self.stale_evals >= t.patience
         return self.iter_num >= t.max_iters or out_of_time or out_of_patience
 
     def _eval_and_save(
@@ -263,61 +288,64 @@ class Trainer:
         if save and self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
             if improved:
                 self.save("best")
-            if improved or self.config.train.always_save_checkpoint or self._done():
+            if improved or self.settings.always_save_checkpoint or self._done():
                 self.save("last")
         return metrics
 
     def fit(self) -> dict[str, float]:
         """Train until max_iters (or max_seconds); returns the last evaluation's metrics."""
-        t, main = self.config.train, self.dist.is_main
-        logger = MetricsLogger(self.run_dir, self.config, resume=self.resumed) if main else None
-        bar = progress_bar(
-            main and self.config.log.progress, total=t.max_iters, initial=self.iter_num, unit="it"
-        )
+        t, main = self.settings, self.dist.is_main
+        logger = None
+        if main:
+            logger = MetricsLogger(self.run_dir, self.resumed, t.tensorboard, t.wandb_run)
+        bar = progress_bar(main and t.progress, total=t.max_iters, initial=self.iter_num, unit="it")
         log = bar.write if main else (lambda _line: None)
         first, metrics = True, {}
         self.model.train()
-        window_start, window_iters = time.perf_counter(), 0  # ms/iter averages over a log window
+        window = Window()  # ms/iter and tokens/s are averages over a log window
         try:
             if t.eval_only:
                 return self._eval_and_save(logger, log, save=False)
             while True:
-                self.set_lr(lr_at(self.iter_num, self.config.optim, self._time_used()))
+                self.set_lr(lr_at(self.iter_num, t.schedule, self._time_used()))
                 at_eval = self.iter_num % t.eval_interval == 0 or self._done()
                 # a resumed run was evaluated at this very step before it stopped, unless it is done
                 if at_eval and not (first and self.resumed and not self._done()):
                     metrics = self._eval_and_save(logger, log)
-                    window_start, window_iters = time.perf_counter(), 0  # eval time is not training
+                    window = Window()  # eval time is not training
                 if self._done():
                     break
                 first = False
                 step_start = time.perf_counter()
-                loss = self.train_step()
+                loss, tokens = self.train_step()
                 self.train_seconds += time.perf_counter() - step_start
                 if t.max_seconds > 0:  # every rank must stop at the same iteration
                     self.train_seconds = distributed.rank0_value(self.train_seconds, self.dist)
-                self.tokens_seen += self.tokens_per_iter
+                tokens *= self.dist.world_size  # every rank's batches are the same size
+                self.tokens_seen += tokens
                 self.iter_num += 1
-                window_iters += 1
+                window.iters, window.tokens = window.iters + 1, window.tokens + tokens
                 bar.update(1)
-                if (self.iter_num - 1) % self.config.log.log_interval == 0:
+                if (self.iter_num - 1) % t.log_interval == 0:
                     # the global batch's loss; .item() waits for the GPU, so only when logging
                     loss_value = distributed.mean_over_ranks(loss, self.dist).item()
-                    seconds = (time.perf_counter() - window_start) / window_iters
-                    self._log_step(logger, log, loss_value, seconds)
-                    window_start, window_iters = time.perf_counter(), 0
+                    self._log_step(logger, log, loss_value, window)
+                    window = Window()
         finally:
             bar.close()
             if logger is not None:
                 logger.close()
         return metrics
 
-    def _log_step(self, logger, log, loss: float, elapsed: float) -> None:
-        tokens_per_sec = self.tokens_per_iter / elapsed
+    def _log_step(
+        self, logger: MetricsLogger | None, log: Callable[[str], None], loss: float, window: Window
+    ) -> None:
+        seconds = time.perf_counter() - window.start
+        elapsed, tokens_per_sec = seconds / window.iters, window.tokens / seconds
         mfu = None
-        if self.peak_flops:
-            flops = checkpoint.unwrap(self.model).flops_per_token() * tokens_per_sec
-            mfu = flops / (self.peak_flops * self.dist.world_size)
+        flops_per_token = getattr(checkpoint.unwrap(self.model), "flops_per_token", None)  # a GPT's
+        if self.peak_flops and flops_per_token is not None:
+            mfu = flops_per_token() * tokens_per_sec / (self.peak_flops * self.dist.world_size)
         lr = self.optimizer.param_groups[0]["lr"]
         extra = getattr(self.optimizer, "log_metrics", dict)()  # e.g. sophiag's win_rate
         mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
