@@ -1,13 +1,16 @@
 """The command line end to end: the happy path, and every bad input as one line with exit code 2."""
 
 import os
+import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from smallgpt.cli import main
+from smallgpt.cli import build_parser, main
+from smallgpt.config import Config, field_docs
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY = [
@@ -237,3 +240,34 @@ def test_tokenizer_that_does_not_match_the_checkpoint(trained, tmp_path, capsys,
     assert_user_error(capsys, ["sample", "--run", str(run)], "tokenizer.json", "not the tokenizer")
     args = ["train", f"--dataset={other}", f"--out_dir={run}", "--init_from=resume", "--max_iters=40", *TINY]
     assert_user_error(capsys, args, "different tokenizer")
+
+
+def test_train_help_explains_every_config_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert re.search(r"^  n_layer=6 +transformer blocks$", out, re.M)
+    assert re.search(r"^  norm=layernorm +layernorm \| rmsnorm$", out, re.M)  # the allowed values
+    assert re.search(r"^  compile=false +torch.compile the model$", out, re.M)
+    for section in fields(Config):
+        docs = field_docs(type(getattr(Config(), section.name)))
+        undocumented = [f.name for f in fields(section.default_factory()) if not docs.get(f.name)]
+        assert not undocumented, f"{section.name} keys without a docstring: {undocumented}"
+
+
+def test_verb_help_lists_one_spelling_per_flag_and_two_per_boolean(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out = capsys.readouterr().out
+    assert "--kv-cache, --no-kv-cache" in out and "kv_cache" not in out
+    assert "--max-new-tokens" in out and "--max_new_tokens" not in out
+    args = [
+        "sample",
+        "--max_new_tokens",
+        "3",
+        "--no-kv_cache",
+        "--run",
+        "r",
+    ]  # nanoGPT's spelling still works
+    ns = build_parser().parse_args(args)
+    assert (ns.max_new_tokens, ns.kv_cache) == (3, False)

@@ -2,7 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from smallgpt.config import Config, load_config, parse_overrides, read_config_file, save_config
+from smallgpt.config import (
+    KEYS,
+    SECTIONS,
+    Config,
+    load_config,
+    parse_overrides,
+    read_config_file,
+    save_config,
+)
 from smallgpt.errors import UserError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -89,8 +97,16 @@ def test_saved_config_loads_back(tmp_path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_shipped_config_is_valid(path):
-    load_config(path).validate()
+def test_every_shipped_config_is_valid_and_sets_what_it_says(path):
+    config = load_config(path)
+    config.validate()
+    written = {}  # every key the file names, flat
+    for key, value in read_config_file(path).items():
+        written.update({f"{key}.{k}": v for k, v in value.items()} if key in SECTIONS else {key: value})
+    assert written
+    for key, value in written.items():
+        section, name = KEYS[key]
+        assert getattr(getattr(config, section), name) == value, f"{path.name}: {key}"
 
 
 def test_fsdp_accepts_only_adamw():

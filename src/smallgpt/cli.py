@@ -28,7 +28,8 @@ def _parse_optional(kind: type) -> Callable[[str], Any]:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field (`--top-k`, also `--top_k`); `positional` fields become arguments."""
+    """One flag per field (`--top-k`; `--top_k` works too, unlisted); `positional` fields become
+    arguments; a boolean is `--kv-cache` / `--no-kv-cache`."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind, optional = hints[f.name], False
@@ -43,28 +44,20 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         if not meta.get("required") and "default" not in help_text:  # some helps explain their default
             help_text = f"{help_text} (default: {default!r})"
-        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         if kind is bool:
-            parser.add_argument(
-                *names,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text,
-            )
-            continue
-        parse = _parse_optional(kind) if optional else kind
-        if kind is list or typing.get_origin(kind) is list:
-            parser.add_argument(*names, dest=f.name, action="append", default=default, help=help_text)
-            continue
-        parser.add_argument(
-            *names,
-            dest=f.name,
-            type=parse,
-            default=default,
-            required=bool(meta.get("required")),
-            help=help_text,
-        )
+            options: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+        elif kind is list or typing.get_origin(kind) is list:
+            options = {"action": "append"}
+        else:
+            options = {
+                "type": _parse_optional(kind) if optional else kind,
+                "required": bool(meta.get("required")),
+            }
+        flag = f"--{f.name.replace('_', '-')}"
+        parser.add_argument(flag, dest=f.name, default=default, help=help_text, **options)
+        if "_" in f.name:  # nanoGPT-style spelling, accepted but not listed in --help
+            alias = {k: v for k, v in options.items() if k != "required"}
+            parser.add_argument(f"--{f.name}", dest=f.name, default=default, help=argparse.SUPPRESS, **alias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,15 +163,6 @@ def train_command(args: list[str]) -> None:
     train(load_config(path, args[1:] if path is not None else args))
 
 
-def train_epilog() -> str:
-    from smallgpt.config import Config
-
-    lines = ["config keys (flat or section.key), with defaults:"]
-    for section, values in Config().to_dict().items():
-        lines.append(f"  {section}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
-    return "\n".join(lines)
-
-
 def _add_verb(verbs: argparse._SubParsersAction, name: str, verb: Verb) -> None:
     args_class, function = verb.load()
     sub = verbs.add_parser(name, help=verb.help, description=verb.help)
@@ -192,6 +176,7 @@ def _add_verb(verbs: argparse._SubParsersAction, name: str, verb: Verb) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from smallgpt import __version__
+    from smallgpt.config import keys_help
 
     parser = argparse.ArgumentParser(prog="smallgpt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"smallgpt {__version__}")
@@ -200,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help=TRAIN_HELP,
         description=TRAIN_HELP,
-        epilog=train_epilog(),
+        epilog=keys_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", nargs="?", help="a YAML or .py config file")

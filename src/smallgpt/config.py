@@ -3,11 +3,15 @@
 Keys are nanoGPT's where one exists, so a nanoGPT config file runs unchanged. Each key lives in one
 section (model, data, train, optim, log); files and overrides may name it flat (`n_layer`) or dotted
 (`model.n_layer`). An unknown key or a value of the wrong type is a UserError naming the close match.
+The docstring under each field is its help text (`smallgpt train --help`, see `field_docs`).
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -22,57 +26,96 @@ from smallgpt.model.gpt import ModelConfig
 
 @dataclass
 class DataConfig:
-    dataset: str = ""  # a prepared data folder, or a name under data/ (nanoGPT's `dataset`)
-    loss_on: str = "all"  # all | bot: chat data's loss only on bot turns (its <split>.mask.bin)
+    dataset: str = ""
+    """a prepared data folder, or a name under data/ (nanoGPT's `dataset`)"""
+    loss_on: str = "all"
+    """all | bot: chat data's loss only on bot turns (its <split>.mask.bin)"""
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
-    init_from: str = "scratch"  # scratch | resume | gpt2[-medium|-large|-xl] | a Hugging Face folder
-    batch_size: int = 12  # sequences per micro-step
+    """the run folder: config.yaml, metrics.jsonl, ckpt/last, ckpt/best"""
+    init_from: str = "scratch"
+    """scratch | resume (out_dir's ckpt/last) | gpt2[-medium|-large|-xl] | a Hugging Face folder"""
+    batch_size: int = 12
+    """sequences per micro-step"""
     gradient_accumulation_steps: int = 1
+    """micro-steps per optimizer step (split between processes under torchrun)"""
     max_iters: int = 5000
-    max_seconds: float = 0.0  # stop after this much training time (0: no limit)
+    """optimizer steps to train for"""
+    max_seconds: float = 0.0
+    """stop after this much training time (0: no limit)"""
     eval_interval: int = 250
+    """steps between evaluations (and checkpoints)"""
     eval_iters: int = 200
+    """batches per split in each evaluation"""
     eval_only: bool = False
-    always_save_checkpoint: bool = True  # write ckpt/last at every eval, not only on improvement
+    """evaluate once and exit"""
+    always_save_checkpoint: bool = True
+    """write ckpt/last at every evaluation, not only on improvement"""
     seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on capable GPUs, fp32 on CPU)
+    """seed of the initial weights and the batches"""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps"""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16 (auto: bfloat16 on capable GPUs, float32 on CPU)"""
     compile: bool = False
-    backend: str = "auto"  # distributed backend: auto | nccl | gloo
-    parallel: str = "ddp"  # under torchrun: ddp (a model copy per process) | fsdp (sharded, FSDP2)
+    """torch.compile the model"""
+    backend: str = "auto"
+    """distributed backend under torchrun: auto | nccl | gloo"""
+    parallel: str = "ddp"
+    """under torchrun: ddp (a model copy per process) | fsdp (sharded, FSDP2; adamw only)"""
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # adamw | sophiag | muon
+    optimizer: str = "adamw"
+    """adamw | sophiag | muon"""
     learning_rate: float = 6e-4
+    """peak learning rate"""
     weight_decay: float = 0.1
-    beta1: float | None = None  # None: the optimizer's default (adamw 0.9, 0.95; sophiag 0.965, 0.99)
+    """decoupled weight decay of the matrices (not of biases and norm gains)"""
+    beta1: float | None = None
+    """none: the optimizer's default (adamw 0.9, sophiag 0.965)"""
     beta2: float | None = None
-    grad_clip: float = 1.0  # 0 disables clipping
+    """none: the optimizer's default (adamw 0.95, sophiag 0.99)"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: no clipping)"""
     decay_lr: bool = True
+    """warmup then cosine decay; false: a constant learning_rate"""
     warmup_iters: int = 100
+    """steps of linear warmup"""
     lr_decay_iters: int = 5000
-    lr_decay_by: str = "iters"  # iters | seconds: the cosine ends at lr_decay_iters, or at train.max_seconds
+    """step where the cosine reaches min_lr"""
+    lr_decay_by: str = "iters"
+    """iters | seconds: the cosine ends at lr_decay_iters, or at max_seconds"""
     min_lr: float = 6e-5
-    rho: float = 0.04  # sophiag: clipping threshold of the Hessian-preconditioned step
-    hessian_interval: int = 10  # sophiag: steps between Hessian estimates
-    muon_lr: float = 0.02  # muon: peak lr of the hidden matrices (scheduled like learning_rate)
+    """learning rate at the end of the decay"""
+    rho: float = 0.04
+    """sophiag: clipping threshold of the Hessian-preconditioned step"""
+    hessian_interval: int = 10
+    """sophiag: steps between Hessian estimates"""
+    muon_lr: float = 0.02
+    """muon: peak lr of the hidden matrices (scheduled like learning_rate)"""
     muon_momentum: float = 0.95
+    """muon: momentum of the hidden matrices"""
 
 
 @dataclass
 class LogConfig:
     log_interval: int = 10
-    progress: bool = True  # a progress bar while training
+    """steps between log lines (console and metrics.jsonl)"""
+    progress: bool = True
+    """a progress bar while training"""
     wandb_log: bool = False
+    """log to Weights & Biases (pip install 'smallgpt[wandb]')"""
     wandb_project: str = "smallgpt"
+    """wandb project"""
     wandb_run_name: str = "run"
+    """wandb run name"""
     tensorboard: bool = False
+    """write TensorBoard event files to out_dir/tensorboard (pip install 'smallgpt[tensorboard]')"""
 
 
 @dataclass
@@ -137,6 +180,45 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in fields(Config))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring: the string literal right below the field in the class body."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    return {
+        node.target.id: doc.value.value
+        for node, doc in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and isinstance(doc, ast.Expr)
+        and isinstance(doc.value, ast.Constant)
+        and isinstance(doc.value.value, str)
+    }
+
+
+def _as_typed(value: Any) -> str:
+    """A value as it is typed on the command line."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    return str(value) if value != "" else '""'
+
+
+def keys_help(width: int = 100) -> str:
+    """Every config key by section with its default and meaning, for `smallgpt train --help`."""
+    lines = [
+        "config keys, flat (--n_layer=4) or dotted (--model.n_layer=4), with their defaults;",
+        "booleans are --compile or --compile=false",
+    ]
+    for section in fields(Config):
+        values = section.default_factory()  # type: ignore[misc]
+        docs = field_docs(type(values))
+        lines.append(f"{section.name}:")
+        for f in fields(values):
+            key = f"{f.name}={_as_typed(getattr(values, f.name))}"
+            text = textwrap.wrap(docs.get(f.name, ""), width - 33) or [""]
+            lines.append(f"  {key:<30} {text[0]}".rstrip())
+            lines += [" " * 33 + more for more in text[1:]]
+    return "\n".join(lines)
 
 
 def _key_index() -> dict[str, tuple[str, str]]:

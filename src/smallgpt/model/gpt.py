@@ -20,19 +20,34 @@ from smallgpt.errors import UserError
 
 @dataclass
 class ModelConfig:
-    block_size: int = 256  # longest context the model sees
-    vocab_size: int = 0  # 0: taken from the prepared data's tokenizer
+    """The architecture (and dropout). Each field's docstring is its `smallgpt train --help` text."""
+
+    block_size: int = 256
+    """longest context the model sees, in tokens"""
+    vocab_size: int = 0
+    """token ids; 0: the prepared data's tokenizer's (larger pads it, e.g. 50304)"""
     n_layer: int = 6
+    """transformer blocks"""
     n_head: int = 6
+    """attention heads per block; must divide n_embd"""
     n_embd: int = 384
+    """width of the residual stream"""
     dropout: float = 0.0
-    bias: bool = True  # biases in Linear and LayerNorm layers, as GPT-2
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu (GPT-2) | swiglu (gated SiLU, as Llama)
-    gelu_approx: str = "none"  # none (exact GELU) | tanh (OpenAI GPT-2's approximation, for its weights)
-    pos_emb: str = "learned"  # learned (GPT-2) | rope (rotary)
+    """dropout rate in [0, 1) while training (a training setting: resume takes it from the command line)"""
+    bias: bool = True
+    """biases in Linear and LayerNorm layers, as GPT-2"""
+    norm: str = "layernorm"
+    """layernorm | rmsnorm"""
+    mlp: str = "gelu"
+    """gelu (GPT-2) | swiglu (gated SiLU, as Llama)"""
+    gelu_approx: str = "none"
+    """none (exact GELU) | tanh (OpenAI GPT-2's approximation, for its weights)"""
+    pos_emb: str = "learned"
+    """learned (GPT-2) | rope (rotary)"""
     rope_theta: float = 10000.0
-    qk_norm: bool = False  # normalise queries and keys per head before attention
+    """rope: base of the rotary frequencies"""
+    qk_norm: bool = False
+    """normalise queries and keys per head before attention"""
 
     def validate(self, vocab_known: bool = True) -> None:
         """The one place architecture values are checked. `vocab_known=False` (a training config)
