@@ -30,13 +30,13 @@ def _parse_optional(kind: type) -> Callable[[str], Any]:
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field (`--top-k`; `--top_k` works too, unlisted); `positional` fields become
     arguments; a boolean is `--kv-cache` / `--no-kv-cache`."""
-    hints = typing.get_type_hints(cls)
+    hints, defaults = typing.get_type_hints(cls), cls()
     for f in dataclasses.fields(cls):
         kind, optional = hints[f.name], False
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind, optional = next(a for a in typing.get_args(kind) if a is not type(None)), True
         meta = dict(f.metadata)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = getattr(defaults, f.name)
         help_text = meta.get("help", "")
         if meta.get("positional"):
             many = kind is list or typing.get_origin(kind) is list

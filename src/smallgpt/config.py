@@ -131,7 +131,7 @@ class Config:
 
     def validate(self) -> None:
         t, o = self.train, self.optim
-        positive = {
+        positive: dict[str, float] = {
             "batch_size": t.batch_size,
             "gradient_accumulation_steps": t.gradient_accumulation_steps,
             "eval_interval": t.eval_interval,
@@ -141,7 +141,7 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise UserError(f"config {key} must be positive, got {value}")
-        non_negative = {
+        non_negative: dict[str, float] = {
             "max_iters": t.max_iters,
             "max_seconds": t.max_seconds,
             "learning_rate": o.learning_rate,
@@ -210,7 +210,7 @@ def keys_help(width: int = 100) -> str:
         "booleans are --compile or --compile=false",
     ]
     for section in fields(Config):
-        values = section.default_factory()  # type: ignore[misc]
+        values = getattr(Config(), section.name)
         docs = field_docs(type(values))
         lines.append(f"{section.name}:")
         for f in fields(values):
@@ -225,7 +225,7 @@ def _key_index() -> dict[str, tuple[str, str]]:
     """Every accepted key -> (section, field): flat names and dotted section.field names."""
     index: dict[str, tuple[str, str]] = {}
     for section in fields(Config):
-        for f in fields(section.default_factory()):
+        for f in fields(getattr(Config(), section.name)):
             assert f.name not in index, f"config key {f.name} is in two sections"
             index[f.name] = (section.name, f.name)
             index[f"{section.name}.{f.name}"] = (section.name, f.name)

@@ -104,8 +104,8 @@ def read_jsonl(path: Path) -> Iterator[Conversation]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {number} is not valid JSON ({e.msg})") from None
-        turns = [_turn(m, path, number) for m in _messages(record, path, number)]
-        turns = [t for t in turns if t is not None and t.text]
+        read = (_turn(m, path, number) for m in _messages(record, path, number))
+        turns = [t for t in read if t is not None and t.text]
         if turns:
             yield turns
 

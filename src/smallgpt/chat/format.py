@@ -76,7 +76,8 @@ class ChatFormat:
         """The turns in `ids`: text between a role marker and `<|end|>` (or the end of `ids`)."""
         roles = {i: role for role, i in self.marker.items()}
         turns: Conversation = []
-        role, text_ids = None, []
+        role: str | None = None
+        text_ids: list[int] = []
         for i in list(ids) + [self.end_id]:
             if role is not None and (i == self.end_id or i in roles or i == self.eot_id):
                 turns.append(Turn(role, self.tokenizer.decode(text_ids)))

@@ -103,7 +103,9 @@ def _write_splits(
     held: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {split: [] for split in SPLITS}
     held_tokens = dict.fromkeys(SPLITS, 0)
     kinds = ("bin", "mask.bin")
-    files = {(split, kind): open(folder / f"{split}.{kind}", "wb") for split in SPLITS for kind in kinds}
+    files: dict[tuple[str, str], BinaryIO] = {
+        (split, kind): open(folder / f"{split}.{kind}", "wb") for split in SPLITS for kind in kinds
+    }
     try:
         with progress_bar(total=counts.documents, unit="dialogue", desc="tokenize") as bar:
             for conversation, _, split in routed:

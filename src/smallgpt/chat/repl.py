@@ -30,7 +30,7 @@ COMMANDS_HELP = "commands: /reset forgets the conversation, /history shows it, /
 class ChatArgs(SamplingOptions):
     run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
     message: str | None = field(default=None, metadata={"help": "print the reply to this message and exit"})
-    max_new_tokens: int | None = field(
+    max_new_tokens: int | None = field(  # type: ignore[assignment]  # chat() fills None in from the model
         default=None,
         metadata={"help": f"longest reply, in tokens (none: half the model's context, at most {MAX_REPLY})"},
     )

@@ -180,10 +180,10 @@ def run_predict(args: ClassifyPredictArgs) -> list[str]:
         texts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not texts:
             raise UserError(f"file {path} has no text to classify")
-    elif not args.text.strip():
-        raise UserError("the text to classify is empty")
-    else:
+    elif args.text is not None and args.text.strip():
         texts = [args.text]
+    else:
+        raise UserError("the text to classify is empty")
     device = resolve_device(args.device)
     model, tokenizer, names, _ = load_classifier(args.run, device, args.checkpoint)
     block_size = model.backbone.config.block_size

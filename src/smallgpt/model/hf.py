@@ -53,7 +53,10 @@ def hf_names(arch: str, key: str) -> tuple[list[str], bool]:
     """The Hugging Face tensor name(s) of smallgpt weight `key`, and whether they are transposed."""
     if arch == "gpt2":
         return [key], key.endswith(CONV1D)
-    layer, module, kind = re.fullmatch(r"transformer\.(?:h\.(\d+)\.)?(.+)\.(weight|bias)", key).groups()
+    match = re.fullmatch(r"transformer\.(?:h\.(\d+)\.)?(.+)\.(weight|bias)", key)
+    if match is None:
+        raise ValueError(f"{key} is not a smallgpt weight name")
+    layer, module, kind = match.groups()
     prefix = "model." if layer is None else f"model.layers.{layer}."
     return [f"{prefix}{name}.{kind}" for name in LLAMA_NAMES[module]], False
 

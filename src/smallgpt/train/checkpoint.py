@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DDP/FSDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         elif isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         else:
@@ -80,7 +80,7 @@ def full_training_state(
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        weights = get_model_state_dict(model, options=options)
+        weights = cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
         return {k: v.contiguous() for k, v in weights.items() if k != TIED_HEAD}, optimizer_state
     if not is_main:
@@ -102,7 +102,7 @@ def load_training_state(
         set_optimizer_state_dict,
     )
 
-    weights = read_weights(ckpt_dir)
+    weights: dict[str, Any] = read_weights(ckpt_dir)
     if TIED_HEAD in model.state_dict():
         weights[TIED_HEAD] = weights["transformer.wte.weight"]
     options = StateDictOptions(full_state_dict=True)

@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -62,12 +63,16 @@ def wrap_model(
     """The module the training loop calls: compiled and/or wrapped for DDP, or sharded in place for FSDP."""
     if info.ddp and parallel == "fsdp":
         shard_model(model, optimizer)
-        return torch.compile(model) if compile else model
-    wrapped = torch.compile(model) if compile else model
+        return compiled(model) if compile else model
+    wrapped = compiled(model) if compile else model
     if info.ddp:  # DDP starts every rank from rank 0's weights
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=device_ids)
     return wrapped
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    return cast(nn.Module, torch.compile(model))  # a module that calls the compiled forward
 
 
 def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -102,7 +107,7 @@ def set_grad_sync(wrapped: nn.Module, enabled: bool) -> None:
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
         wrapped.require_backward_grad_sync = enabled
         return
-    model = getattr(wrapped, "_orig_mod", wrapped)  # FSDP shards in place, then compile wraps
+    model: Any = getattr(wrapped, "_orig_mod", wrapped)  # FSDP shards in place, then compile wraps
     if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
 

@@ -124,7 +124,7 @@ class SophiaG(torch.optim.Optimizer):
         self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -195,7 +195,7 @@ class CombinedOptimizer:
             opt.load_state_dict(state[name])
 
 
-def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+def hidden_matrices(model: nn.Module) -> list[torch.Tensor]:
     """Weights of the linear layers inside the network: not embeddings, nor the (tied) output head."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     return [

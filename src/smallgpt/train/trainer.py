@@ -128,6 +128,7 @@ class Trainer:
         self.device = self.dist.device
         self.dtype = autocast_dtype(t.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.autocast: Callable[[], contextlib.AbstractContextManager]
         if self.dtype == torch.float32:
             self.autocast = contextlib.nullcontext
         else:
@@ -212,9 +213,9 @@ class Trainer:
         self.model.eval()
         if self.evaluate_fn is not None:
             with self.autocast():
-                results = self.evaluate_fn(self.model)
+                metrics = self.evaluate_fn(self.model)
             self.model.train()
-            return results
+            return metrics
         results: dict[str, float] = {}
         for split, make_source in self.eval_sources.items():
             source = make_source()
@@ -347,7 +348,7 @@ class Trainer:
         if self.peak_flops and flops_per_token is not None:
             mfu = flops_per_token() * tokens_per_sec / (self.peak_flops * self.dist.world_size)
         lr = self.optimizer.param_groups[0]["lr"]
-        extra = getattr(self.optimizer, "log_metrics", dict)()  # e.g. sophiag's win_rate
+        extra: dict[str, float] = getattr(self.optimizer, "log_metrics", dict)()  # e.g. sophiag's win_rate
         mfu_text = f", mfu {100 * mfu:.1f}%" if mfu is not None else ""
         extra_text = "".join(f", {k} {v:.3f}" for k, v in extra.items())
         log(
