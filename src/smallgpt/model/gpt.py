@@ -213,7 +213,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None,  # type: ignore[dict-item]  # rope: no table
+                wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None,
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=make_norm(config),
