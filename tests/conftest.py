@@ -1,11 +1,15 @@
-"""Fixtures shared by the test files: the shared corpora and the tiny shakespeare char dataset."""
+"""Fixtures shared by the test files: the shared corpora, the tiny shakespeare char dataset, and
+run folders holding a random tiny GPT."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
+from smallgpt.data.tokenizers import Tokenizer, save_tokenizer
+from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.preparation import PrepareArgs, run_prepare
+from smallgpt.train import checkpoint
 
 # Test models are tiny: on a busy shared machine extra intra-op threads only spin-wait on each
 # other (40 steps of a 2-layer model: 30 s with 2 threads, 1 s with 1).
@@ -26,3 +30,19 @@ def char_data(tmp_path_factory, shared_data) -> Path:
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
     run_prepare(PrepareArgs(input=str(shared_data / "tinyshakespeare" / "input.txt"), out=str(out)))
     return out
+
+
+def write_run(run_dir: Path, config: ModelConfig, tokenizer: Tokenizer, seed: int = 0) -> GPT:
+    """A run folder as `smallgpt train` leaves it (ckpt/best, tokenizer.json), with a random GPT."""
+    torch.manual_seed(seed)
+    model = GPT(config).eval()
+    tags = {"tokenizer_fingerprint": tokenizer.fingerprint()}
+    checkpoint.write_checkpoint(run_dir / "ckpt" / "best", checkpoint.model_weights(model), config, {}, tags)
+    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+    return model
+
+
+@pytest.fixture(scope="session")
+def make_run():
+    """`write_run`, for tests and fixtures that need a trained-looking run without training."""
+    return write_run

@@ -19,7 +19,7 @@ from smallgpt.classify.evaluate import confusion_matrix, load_classifier, scores
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier
 from smallgpt.classify.train import ClassifyTrainArgs, load_splits, train_classifier
 from smallgpt.cli import main
-from smallgpt.data.tokenizers import CharTokenizer, save_tokenizer
+from smallgpt.data.tokenizers import CharTokenizer
 from smallgpt.errors import UserError
 from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.train import checkpoint
@@ -28,17 +28,16 @@ ALPHABET = "abcxyz .,"
 TINY = dict(block_size=24, n_layer=2, n_head=2, n_embd=32)
 
 
-def make_backbone_run(run_dir, **overrides):
-    """A smallgpt run folder with a random tiny char GPT, as `smallgpt train` would leave it."""
-    tokenizer = CharTokenizer(ALPHABET)
-    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
-    torch.manual_seed(0)
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY, **overrides})
-    tags = {"tokenizer_fingerprint": tokenizer.fingerprint()}
-    checkpoint.write_checkpoint(
-        run_dir / "ckpt" / "best", checkpoint.model_weights(GPT(config)), config, {}, tags
-    )
-    return run_dir
+@pytest.fixture(scope="session")
+def make_backbone_run(make_run):
+    """A run folder with a random tiny char GPT over ALPHABET, as `smallgpt train` would leave it."""
+
+    def make(run_dir, **overrides):
+        tokenizer = CharTokenizer(ALPHABET)
+        make_run(run_dir, ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY, **overrides}), tokenizer)
+        return run_dir
+
+    return make
 
 
 def synthetic_rows(n, seed=0):
@@ -59,7 +58,7 @@ def write_csv(path, rows, header=("label", "review"), delimiter=","):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_backbone_run):
     """A classifier trained through the CLI on the synthetic task, with its backbone and data."""
     root = tmp_path_factory.mktemp("classify")
     backbone = make_backbone_run(root / "backbone")
@@ -157,7 +156,7 @@ def test_next_token_loss_is_the_language_model_loss_over_the_texts(padding_side,
     torch.testing.assert_close(lm_loss, (torch.stack(alone) * pairs).sum() / pairs.sum())
 
 
-def test_lm_loss_weight_keeps_the_backbone_a_language_model(tmp_path):
+def test_lm_loss_weight_keeps_the_backbone_a_language_model(tmp_path, make_backbone_run):
     backbone_run = make_backbone_run(tmp_path / "backbone")
     rows = synthetic_rows(120)
     data = write_csv(tmp_path / "d.csv", rows, header=("label", "text"))
@@ -179,7 +178,7 @@ def test_lm_loss_weight_keeps_the_backbone_a_language_model(tmp_path):
     assert lm_loss_after(1.0) < lm_loss_after(0.0) - 0.5
 
 
-def test_frozen_backbone_is_bit_identical_after_training(tmp_path):
+def test_frozen_backbone_is_bit_identical_after_training(tmp_path, make_backbone_run):
     backbone_run = make_backbone_run(tmp_path / "backbone", dropout=0.1)
     data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
     before = checkpoint.load_model(backbone_run / "ckpt" / "best").state_dict()
@@ -198,7 +197,7 @@ def test_frozen_backbone_is_bit_identical_after_training(tmp_path):
     assert not torch.equal(weights["head.bias"], head_init)
 
 
-def test_patience_stops_when_val_accuracy_stops_improving(tmp_path):
+def test_patience_stops_when_val_accuracy_stops_improving(tmp_path, make_backbone_run):
     backbone_run = make_backbone_run(tmp_path / "backbone")
     data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
     args = ClassifyTrainArgs(

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is in th
 
 from smallgpt import cli  # noqa: E402
 from smallgpt.config import load_config  # noqa: E402
-from smallgpt.data.tokenizers import CharTokenizer, GPT2Tokenizer, save_tokenizer  # noqa: E402
+from smallgpt.data.tokenizers import CharTokenizer, GPT2Tokenizer  # noqa: E402
 from smallgpt.errors import UserError  # noqa: E402
 from smallgpt.export import ExportArgs, export  # noqa: E402
 from smallgpt.generate import SampleArgs, sample  # noqa: E402
@@ -88,16 +88,6 @@ def test_import_refuses_what_smallgpt_cannot_compute(hf_gpt2, tmp_path):
         hf.open_pretrained(str(tmp_path / "empty"))
 
 
-def make_run(run_dir, config: ModelConfig, tokenizer, seed: int = 0) -> GPT:
-    """A run folder as `smallgpt train` leaves it: ckpt/best and tokenizer.json."""
-    torch.manual_seed(seed)
-    model = GPT(config).eval()
-    tags = {"tokenizer_fingerprint": tokenizer.fingerprint()}
-    checkpoint.write_checkpoint(run_dir / "ckpt" / "best", checkpoint.model_weights(model), config, {}, tags)
-    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
-    return model
-
-
 EXPORTS = {
     "gpt2": dict(bias=True),
     "gpt2-nobias-tanh": dict(bias=False, gelu_approx="tanh"),
@@ -107,7 +97,7 @@ EXPORTS = {
 
 
 @pytest.mark.parametrize("name", EXPORTS)
-def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_path, name):
+def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_path, name, make_run):
     config = ModelConfig(block_size=48, vocab_size=VOCAB, **TINY, **EXPORTS[name])
     model = make_run(tmp_path / "run", config, GPT2Tokenizer())
     out = export(ExportArgs(run=str(tmp_path / "run"), out=str(tmp_path / "hf")))
@@ -126,7 +116,7 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_pat
     torch.testing.assert_close(all_logits(back, idx), all_logits(model, idx), atol=1e-6, rtol=0)
 
 
-def test_export_writes_the_gpt2_tokenizer_for_autotokenizer(tmp_path, capsys):
+def test_export_writes_the_gpt2_tokenizer_for_autotokenizer(tmp_path, capsys, make_run):
     make_run(tmp_path / "run", ModelConfig(block_size=16, vocab_size=VOCAB, **TINY), GPT2Tokenizer())
     assert (
         cli.main(["export", "--run", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")])
@@ -139,7 +129,7 @@ def test_export_writes_the_gpt2_tokenizer_for_autotokenizer(tmp_path, capsys):
     assert theirs.encode("<|endoftext|>") == [theirs.eos_token_id] == [GPT2Tokenizer().eot_id]
 
 
-def test_export_char_run_keeps_weights_and_says_the_tokenizer_is_smallgpt_only(tmp_path, capsys):
+def test_export_char_run_keeps_weights_and_says_the_tokenizer_is_smallgpt_only(tmp_path, capsys, make_run):
     tokenizer = CharTokenizer("abcdefgh ")
     config = ModelConfig(block_size=16, vocab_size=tokenizer.vocab_size, **TINY)
     model = make_run(tmp_path / "run", config, tokenizer)
@@ -160,7 +150,7 @@ def test_export_char_run_keeps_weights_and_says_the_tokenizer_is_smallgpt_only(t
         (dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", qk_norm=True), "qk_norm=True"),
     ],
 )
-def test_export_refuses_options_transformers_lacks(tmp_path, options, named):
+def test_export_refuses_options_transformers_lacks(tmp_path, options, named, make_run):
     make_run(
         tmp_path / "run", ModelConfig(block_size=16, vocab_size=VOCAB, **TINY, **options), GPT2Tokenizer()
     )
