@@ -159,3 +159,13 @@ def test_resume_takes_the_architecture_from_the_checkpoint_and_dropout_from_the_
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert (saved["model"]["dropout"], saved["model"]["n_layer"]) == (0.1, 2)
     assert checkpoint.load_state(run_dir / "ckpt" / "last")["iter_num"] == 8
+
+
+def test_resume_reads_a_checkpoint_written_before_the_parallel_key(char_data, tmp_path):
+    run(char_data, tmp_path / "old", "--max_iters=2", "--eval_interval=2")
+    path = tmp_path / "old" / "ckpt" / "last" / checkpoint.STATE
+    state = torch.load(path, weights_only=True)
+    state["config"] = {"train": {"parallel": state.pop("parallel")}}  # the older layout
+    torch.save(state, path)
+    run(char_data, tmp_path / "old", "--max_iters=4", "--eval_interval=2", "--init_from=resume")
+    assert checkpoint.load_state(tmp_path / "old" / "ckpt" / "last")["iter_num"] == 4

@@ -188,7 +188,9 @@ class Trainer:
         """Load weights and the full training state from a checkpoint written by `save`."""
         state = checkpoint.load_state(ckpt_dir)
         # per-rank RNG states and the optimizer state's layout (FSDP's is keyed by name) must match
-        saved = (len(state["rng"]), state["parallel"])
+        # (checkpoints older than the "parallel" key kept it in a config dict, "ddp" unless set)
+        parallel = state.get("parallel") or state.get("config", {}).get("train", {}).get("parallel", "ddp")
+        saved = (len(state["rng"]), parallel)
         if saved != (self.dist.world_size, self.settings.parallel):
             raise UserError(
                 f"checkpoint {ckpt_dir} was written by {saved[0]} processes with parallel={saved[1]}: "
