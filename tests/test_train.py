@@ -11,6 +11,7 @@ from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train import checkpoint
 from smallgpt.train.run import train
 from smallgpt.train.schedule import LRSchedule, lr_at
+from smallgpt.train.trainer import peak_flops
 
 TINY = ["--block_size=32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=4"]
 QUIET = ["--progress=false", "--device=cpu"]
@@ -169,3 +170,21 @@ def test_resume_reads_a_checkpoint_written_before_the_parallel_key(char_data, tm
     torch.save(state, path)
     run(char_data, tmp_path / "old", "--max_iters=4", "--eval_interval=2", "--init_from=resume")
     assert checkpoint.load_state(tmp_path / "old" / "ckpt" / "last")["iter_num"] == 4
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA GeForce RTX 3090", None),  # unknown: no MFU rather than a wrong one
+    ],
+)
+def test_peak_flops_by_device_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0)) == peak
+    assert peak_flops(torch.device("cpu")) is None

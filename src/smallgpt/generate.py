@@ -105,8 +105,11 @@ class Generator:
         return ids or [self.tokenizer.eot_id]  # an empty start means "a new document"
 
     def suppress_ids(self, stop_ids: tuple[int, ...]) -> tuple[int, ...]:
-        """Special tokens the model must not produce: all but the ones that end the text."""
-        return tuple(i for i in self.tokenizer.special_tokens.values() if i not in stop_ids)
+        """Ids the model must not produce: special tokens other than the ones that end the text, and
+        embedding rows past the tokenizer's vocabulary (e.g. GPT-2's 50257 padded to 50304), which
+        have no text to decode to."""
+        special = (i for i in self.tokenizer.special_tokens.values() if i not in stop_ids)
+        return (*special, *range(self.tokenizer.vocab_size, self.model.config.vocab_size))
 
     def stream(self, ids: Sequence[int], stop_ids: tuple[int, ...] | None = None) -> Iterator[int]:
         """Yield new token ids after `ids`, stopping at end-of-text (or the given stop ids)."""

@@ -29,8 +29,18 @@ from smallgpt.train.distributed import DistInfo
 from smallgpt.train.logging import MetricsLogger, WandbRun
 from smallgpt.train.schedule import LRSchedule, lr_at
 
-# dense bf16 peak FLOP/s of GPUs we can name; MFU is reported only for these
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+# dense bf16 peak FLOP/s of GPUs we can name (NVIDIA datasheets); MFU is reported only for these.
+# The first key found in the device's name wins: variants come before the names they contain.
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+}
 
 
 class BatchSource(Protocol):
