@@ -20,6 +20,7 @@ LAYERS = [
     (
         "jobs",
         [
+            "smallgpt.decode",
             "smallgpt.generate",
             "smallgpt.chat",
             "smallgpt.classify",

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is in th
 from smallgpt import cli  # noqa: E402
 from smallgpt.config import load_config  # noqa: E402
 from smallgpt.data.tokenizers import CharTokenizer, GPT2Tokenizer  # noqa: E402
+from smallgpt.decode import DecodeEngine, SamplingSettings  # noqa: E402
 from smallgpt.errors import UserError  # noqa: E402
 from smallgpt.export import ExportArgs, export  # noqa: E402
 from smallgpt.generate import SampleArgs, sample  # noqa: E402
@@ -107,9 +108,9 @@ def test_export_loads_in_transformers_with_same_logits_and_greedy_tokens(tmp_pat
     torch.testing.assert_close(hf_logits(theirs, idx), all_logits(model, idx), atol=1e-5, rtol=0)
 
     prompt = idx[:1, :8]
-    ours = torch.cat(list(model.generate_stream(prompt, 24, temperature=0.0)))
+    ours = DecodeEngine(model, max_batch=1).generate(prompt[0].tolist(), SamplingSettings(24, temperature=0))
     generated = theirs.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert generated[0, 8:].tolist() == ours.tolist()
+    assert generated[0, 8:].tolist() == list(ours)
 
     # and back: the exported folder imports into the same model
     back = hf.open_pretrained(str(out)).model().eval()

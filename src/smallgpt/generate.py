@@ -11,6 +11,7 @@ from typing import TextIO
 import torch
 
 from smallgpt.data.tokenizers import Tokenizer
+from smallgpt.decode import DecodeEngine, SamplingSettings
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
 from smallgpt.runs import load_source
@@ -69,16 +70,21 @@ class SamplingOptions:
     )
 
     def validate(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise UserError(f"max-new-tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must not be negative, got {self.temperature}")
-        if self.top_k is not None and self.top_k <= 0:
-            raise UserError(f"top-k must be positive, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"top-p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition-penalty must be positive, got {self.repetition_penalty}")
+        self.settings().validate()
+
+    def settings(
+        self, stop_ids: tuple[int, ...] = (), suppress_ids: tuple[int, ...] = ()
+    ) -> SamplingSettings:
+        """The decode engine's settings for one request (its randomness comes from the Generator)."""
+        return SamplingSettings(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            stop_ids=stop_ids,
+            suppress_ids=suppress_ids,
+        )
 
 
 @dataclass
@@ -98,7 +104,8 @@ class Generator:
         self.options = options
         self.device = resolve_device(options.device)
         self.model, self.tokenizer = load_source(run, options.init_from, options.checkpoint, self.device)
-        self.rng = torch.Generator(device=self.device).manual_seed(options.seed)
+        self.rng = torch.Generator(device=self.device).manual_seed(options.seed)  # shared by all samples
+        self.engine = DecodeEngine(self.model, max_batch=1, use_cache=options.kv_cache)
 
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
@@ -112,23 +119,10 @@ class Generator:
         return (*special, *range(self.tokenizer.vocab_size, self.model.config.vocab_size))
 
     def stream(self, ids: Sequence[int], stop_ids: tuple[int, ...] | None = None) -> Iterator[int]:
-        """Yield new token ids after `ids`, stopping at end-of-text (or the given stop ids)."""
-        o = self.options
+        """Yield new token ids after `ids`, ending with end-of-text (or one of the given stop ids)."""
         stop_ids = (self.tokenizer.eot_id,) if stop_ids is None else stop_ids
-        idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        for token in self.model.generate_stream(
-            idx,
-            o.max_new_tokens,
-            temperature=o.temperature,
-            top_k=o.top_k,
-            top_p=o.top_p,
-            stop_ids=stop_ids,
-            suppress_ids=self.suppress_ids(stop_ids),
-            generator=self.rng,
-            use_cache=o.kv_cache,
-            repetition_penalty=o.repetition_penalty,
-        ):
-            yield int(token[0])  # generate_stream ends right after a stop id
+        settings = self.options.settings(stop_ids, self.suppress_ids(stop_ids))
+        yield from self.engine.generate(ids, settings, self.rng)
 
     def write_stream(self, ids: Sequence[int], out: TextIO) -> list[int]:
         """Stream a continuation of `ids` to `out`; returns the new ids (end-of-text excluded)."""

@@ -2,13 +2,14 @@
 
 Defaults reproduce nanoGPT's GPT-2 style model (learned positions, pre-LayerNorm, GELU MLP, tied
 embedding/head). Config options switch on RMSNorm, a gated SiLU MLP, rotary positions and QK-norm.
-Generation keeps a key/value cache, so each new token costs one position of work, not a full re-run.
+The key/value cache has one slot per sequence, each slot its own length, so generation (decode.py)
+pays one position of work per new token and decodes sequences of different lengths in one batch.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -110,20 +111,59 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated to block_size."""
+    """Keys and values of every layer, preallocated to block_size for a fixed number of slots.
 
-    def __init__(self, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch, config.n_head, config.block_size, config.head_size)
+    A slot holds one sequence and has its own length, so sequences of different lengths (requests
+    that joined at different times) decode in one batch. A forward uses the slots chosen with
+    `select`: input row i reads and writes slot rows[i], at that slot's next positions.
+    """
+
+    def __init__(self, config: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype):
+        shape = (slots, config.n_head, config.block_size, config.head_size)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0  # positions filled; advanced by GPT.forward after all layers ran
+        self.block_size = config.block_size
+        self.lengths = [0] * slots  # positions filled per slot; on the host, so reading them never syncs
+        self.select(range(slots))
+
+    def select(self, rows: Iterable[int]) -> KVCache:
+        """Make the next forward use these slots (input row i -> slot rows[i])."""
+        self.rows = list(rows)
+        self.write_rows = torch.tensor(self.rows, device=self.keys[0].device)[:, None]  # (B, 1)
+        contiguous = self.rows == list(range(self.rows[0], self.rows[0] + len(self.rows)))
+        # a run of slots reads through a slice, a view; an index tensor would copy the cache each layer
+        self.read_rows = slice(self.rows[0], self.rows[-1] + 1) if contiguous else self.write_rows[:, 0]
+        return self
+
+    def append(self, new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Make room for `new` tokens in each selected slot, for the forward about to run.
+
+        Returns their positions (B, new) and the attention mask (B, 1, new, end), True = attend,
+        where end is the longest selected slot's new length: a token sees its own slot up to its
+        position, never a shorter slot's unused or stale tail. The mask is None where attention
+        needs none: slots equally long and either one new token each (it sees all) or nothing cached
+        before (plain causal).
+        """
+        starts = [self.lengths[row] for row in self.rows]
+        self.end = max(starts) + new
+        if self.end > self.block_size:
+            raise ValueError(f"sequence of length {self.end} exceeds block_size {self.block_size}")
+        device = self.keys[0].device
+        self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(new, device=device)
+        for row in self.rows:
+            self.lengths[row] += new
+        if len(set(starts)) == 1 and (new == 1 or starts[0] == 0):
+            return self.positions, None
+        visible = torch.arange(self.end, device=device) <= self.positions[:, :, None]  # (B, new, end)
+        return self.positions, visible[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values (B, nh, T_new, hs); return all keys/values so far."""
-        end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        """Store the new keys/values (B, nh, T_new, hs) at the positions `append` made room for;
+        return the selected slots' keys/values so far (B, nh, end, hs)."""
+        self.keys[layer][self.write_rows, :, self.positions] = k.transpose(1, 2)  # (B, T_new, nh, hs)
+        self.values[layer][self.write_rows, :, self.positions] = v.transpose(1, 2)
+        rows, end = self.read_rows, self.end
+        return self.keys[layer][rows, :, :end], self.values[layer][rows, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -154,19 +194,16 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, past + T, hs)
-        if attn_mask is None and past > 0 and T > 1:
-            # several new positions after a cached prefix: causal among themselves, all see the past
-            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            k, v = kv_cache.update(self.layer, k, v)  # (B, nh, end, hs)
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and past == 0 and T > 1,
+            # no mask: causal when all keys are new, else (one new token per row) it sees them all
+            is_causal=attn_mask is None and T > 1 and k.size(2) == T,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -265,24 +302,27 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states (B, T, n_embd) for token ids idx (B, T).
 
-        With a cache, idx holds only the new positions; attn_mask (bool, True = attend) is for
-        callers such as the classifier that pad batches.
+        With a cache, idx holds only the new positions of the slots the cache has selected (the
+        cache makes the mask); attn_mask (bool, True = attend) is for callers without a cache, such
+        as the classifier, that pad batches.
         """
-        B, T = idx.size()
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        T = idx.size(1)
+        if kv_cache is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+            positions = torch.arange(T, device=idx.device)  # (T,), the same for every row
+        else:
+            positions, attn_mask = kv_cache.append(T)  # (B, T): each row continues its own slot
         x = self.transformer.wte(idx)  # (B, T, C)
         rotary = None
         if self.transformer.wpe is not None:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         else:
-            rotary = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            # (T, hs/2) or (B, T, hs/2) -> one more axis to broadcast over the heads
+            rotary = (self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rotary, kv_cache, attn_mask)
-        if kv_cache is not None:
-            kv_cache.length += T
         return self.transformer.ln_f(x)
 
     def forward(
@@ -315,81 +355,3 @@ class GPT(nn.Module):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T C."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
-
-    @torch.no_grad()
-    def generate_stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        stop_ids: tuple[int, ...] = (),
-        suppress_ids: tuple[int, ...] = (),
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        repetition_penalty: float = 1.0,
-    ) -> Iterator[torch.Tensor]:
-        """Yield new tokens one at a time, (B,) each, for prompts idx (B, T).
-
-        Stops after max_new_tokens or once every row has produced a stop id; never produces a
-        suppressed id (e.g. the unknown-character token). temperature 0 is greedy. Contexts longer
-        than block_size keep their last 3/4 block_size tokens when the cache fills (the cache is
-        re-filled from them), or the last block_size tokens without a cache.
-        """
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        cache, context = None, idx
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(context[:, -self.config.block_size :])
-            else:
-                if cache is None or cache.length >= self.config.block_size:
-                    keep = self.config.block_size if cache is None else 3 * self.config.block_size // 4
-                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-                    feed = context[:, -keep:]
-                else:
-                    feed = context[:, -1:]
-                logits, _ = self(feed, kv_cache=cache)
-            logits = logits[:, -1, :].float()
-            if suppress_ids:
-                logits[:, list(suppress_ids)] = float("-inf")
-            if repetition_penalty != 1.0:
-                logits = penalize_repeats(logits, context, repetition_penalty)
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)
-            context = torch.cat((context, next_id[:, None]), dim=1)
-            yield next_id
-            finished |= torch.isin(next_id, torch.tensor(stop_ids, device=idx.device))
-            if stop_ids and bool(finished.all()):
-                return
-
-
-def penalize_repeats(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty: make tokens already in the context less likely (logits (B, V))."""
-    seen = torch.gather(logits, 1, context)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(1, context, seen)
-
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """One token id per row from logits (B, V) with temperature, top-k and nucleus (top-p) filters."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

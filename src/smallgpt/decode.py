@@ -1,0 +1,441 @@
+"""The one generation path: batched, KV-cached decoding with per-row positions and sampling settings.
+
+`DecodeEngine` holds up to max_batch requests, each in its own slot of one KV cache. A step
+prefills the requests that just joined (and any whose context slid past block_size) one at a
+time, runs one forward for all the others together, and samples one token per request with that
+request's settings and random generator: what a request gets does not depend on its batch.
+`BatchScheduler` runs an engine on a background thread for concurrent callers (the server);
+`smallgpt sample`, `continue` and `chat` drive an engine through generate.Generator.
+
+    engine = DecodeEngine(model, max_batch=8)
+    request = engine.add(prompt_ids, SamplingSettings(temperature=0.8, seed=1))
+    while engine.busy:
+        for event in engine.step():  # Event(request, token_id, finish_reason)
+            ...
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from smallgpt.errors import UserError
+from smallgpt.model.gpt import GPT, KVCache
+
+STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # why a request ended
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one request picks its tokens; every row of a batch has its own."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0: greedy
+    top_k: int | None = None  # keep only the k most likely tokens
+    top_p: float | None = None  # nucleus: the smallest set of tokens with this total probability
+    repetition_penalty: float = 1.0  # above 1 makes tokens already in the context less likely
+    stop_ids: tuple[int, ...] = ()  # the request ends with the first of these it produces
+    suppress_ids: tuple[int, ...] = ()  # never produced (e.g. the unknown-character token)
+    seed: int | None = None  # the request's own random generator; None: torch's global one
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UserError(f"temperature must not be negative, got {self.temperature}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise UserError(f"top_k must be positive, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence in an engine: `DecodeEngine.add` returns it as the caller's handle."""
+
+    settings: SamplingSettings
+    generator: torch.Generator | None
+    context: list[int]  # the prompt, then every token generated
+    generated: int = 0
+    slot: int | None = None  # its row in the engine's KV cache while it runs
+    finish_reason: str | None = None  # stop | length | cancelled, once it has ended
+
+
+class Event(NamedTuple):
+    """One new token of one request; finish_reason is set on its last (a stop id is included)."""
+
+    request: Request
+    token_id: int
+    finish_reason: str | None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)  # rows decoded together -> steps
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(self.batch_sizes, default=0)
+
+    def copy(self) -> EngineStats:
+        return EngineStats(self.steps, self.tokens, Counter(self.batch_sizes))
+
+
+class DecodeEngine:
+    """Batched decoding over a fixed number of slots; not thread-safe (BatchScheduler is).
+
+    use_cache=False recomputes each row's whole context every step (nanoGPT's algorithm: the
+    reference the cache must match, and the speed baseline).
+    """
+
+    def __init__(self, model: GPT, max_batch: int = 8, use_cache: bool = True):
+        if max_batch <= 0:
+            raise UserError(f"max_batch must be positive, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self.block_size, self.vocab_size = model.config.block_size, model.config.vocab_size
+        self.device = model.lm_head.weight.device
+        dtype = model.lm_head.weight.dtype
+        self.cache = KVCache(model.config, max_batch, self.device, dtype) if use_cache else None
+        self.slots: list[Request | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()  # added, joining at the next step with a free slot
+        self.stats = EngineStats()
+
+    @property
+    def active(self) -> list[Request]:
+        return [request for request in self.slots if request is not None]
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(request is not None for request in self.slots)
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots.count(None) - len(self.waiting)
+
+    def check(self, prompt_ids: Sequence[int], settings: SamplingSettings) -> None:
+        """Raise UserError for a request this engine cannot run."""
+        settings.validate()
+        if not prompt_ids:
+            raise UserError("a prompt needs at least one token")
+        ids = (*prompt_ids, *settings.stop_ids, *settings.suppress_ids)
+        outside = [i for i in ids if not 0 <= i < self.vocab_size]
+        if outside:
+            raise UserError(f"token id {outside[0]} is outside the model's vocabulary of {self.vocab_size}")
+
+    def add(
+        self,
+        prompt_ids: Sequence[int],
+        settings: SamplingSettings,
+        generator: torch.Generator | None = None,
+    ) -> Request:
+        """Queue a request; it joins the batch at the next step that has a free slot.
+
+        generator, when given, is drawn from instead of one seeded with settings.seed (so that
+        `sample`'s successive samples continue one random stream).
+        """
+        self.check(prompt_ids, settings)
+        if generator is None and settings.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        request = Request(settings, generator, context=list(prompt_ids))
+        self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """End a request now; its slot is free for the next step."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        elif request.slot is not None:
+            self.slots[request.slot] = None
+            request.slot = None
+        if request.finish_reason is None:
+            request.finish_reason = CANCELLED
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Admit waiting requests, then one new token for every running one."""
+        self._admit()
+        rows = [(slot, request) for slot, request in enumerate(self.slots) if request is not None]
+        if not rows:
+            return []
+        logits = self._next_logits(rows)  # (B, vocab)
+        picked = [self._pick(request, logits[i : i + 1]) for i, (_, request) in enumerate(rows)]
+        token_ids = torch.cat(picked).tolist()  # one device sync for the whole batch
+        self.stats.steps += 1
+        self.stats.tokens += len(rows)
+        self.stats.batch_sizes[len(rows)] += 1
+        return [self._record(slot, request, token) for (slot, request), token in zip(rows, token_ids)]
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        settings: SamplingSettings,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Run one request alone to its end, yielding its token ids; the engine must be idle."""
+        if self.busy:
+            raise RuntimeError("generate runs one request alone, but this engine is busy")
+        request = self.add(prompt_ids, settings, generator)
+        try:
+            while request.finish_reason is None:
+                for event in self.step():
+                    yield event.token_id
+        finally:
+            self.cancel(request)  # the caller stopped reading early: free the slot
+
+    def _admit(self) -> None:
+        for slot, request in enumerate(self.slots):
+            if request is None and self.waiting:
+                joining = self.waiting.popleft()
+                joining.slot, self.slots[slot] = slot, joining
+                if self.cache is not None:
+                    self.cache.lengths[slot] = 0  # whatever a previous request left there is stale
+
+    def _next_logits(self, rows: list[tuple[int, Request]]) -> torch.Tensor:
+        """Logits (B, vocab) for each row's next token: one forward for the rows that continue
+        their slot, one each for rows that (re)fill theirs."""
+        if self.cache is None:
+            return torch.cat([self._forward([row], self.block_size) for row in rows])
+        lengths = self.cache.lengths
+        continuing = [row for row in rows if 0 < lengths[row[0]] < self.block_size]
+        by_slot = {}
+        if continuing:
+            by_slot = dict(zip([slot for slot, _ in continuing], self._forward(continuing, 1)))
+        for row in rows:
+            slot = row[0]
+            if slot not in by_slot:
+                # a new row fills its slot with its last block_size ids; a full slot slides: it is
+                # refilled with the last 3/4 block, so the next refill is a quarter block away
+                keep = self.block_size if lengths[slot] == 0 else 3 * self.block_size // 4
+                lengths[slot] = 0
+                by_slot[slot] = self._forward([row], keep)[0]
+        return torch.stack([by_slot[slot] for slot, _ in rows])
+
+    def _forward(self, rows: list[tuple[int, Request]], keep: int) -> torch.Tensor:
+        """Feed the last `keep` ids of each row's context (all rows as long); logits (B, vocab)."""
+        ids = [request.context[-keep:] for _, request in rows]
+        idx = torch.tensor(ids, dtype=torch.long, device=self.device)
+        cache = self.cache.select([slot for slot, _ in rows]) if self.cache is not None else None
+        logits, _ = self.model(idx, kv_cache=cache)  # (B, 1, vocab)
+        return logits[:, -1, :].float()
+
+    def _pick(self, request: Request, logits: torch.Tensor) -> torch.Tensor:
+        """The request's next token id (1,) from its logits (1, vocab), with its own settings."""
+        s = request.settings
+        if s.suppress_ids:
+            logits[:, list(s.suppress_ids)] = float("-inf")
+        if s.repetition_penalty != 1.0:
+            context = torch.tensor([request.context], device=logits.device)
+            logits = penalize_repeats(logits, context, s.repetition_penalty)
+        return sample_next(logits, s.temperature, s.top_k, s.top_p, request.generator)
+
+    def _record(self, slot: int, request: Request, token_id: int) -> Event:
+        request.context.append(token_id)
+        request.generated += 1
+        if token_id in request.settings.stop_ids:
+            request.finish_reason = STOP
+        elif request.generated >= request.settings.max_new_tokens:
+            request.finish_reason = LENGTH
+        if request.finish_reason is not None:
+            self.slots[slot] = None
+            request.slot = None
+        return Event(request, token_id, request.finish_reason)
+
+
+def penalize_repeats(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style penalty: make tokens already in the context less likely (logits (B, V))."""
+    seen = torch.gather(logits, 1, context)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, context, seen)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One token id per row from logits (B, V) with temperature, top-k and nucleus (top-p) filters."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+class QueueFull(Exception):
+    """The scheduler's queue of requests waiting for a slot is full: try again later (HTTP 503)."""
+
+
+class TokenStream:
+    """The token ids of one submitted request as a blocking iterator (a stop id ends it, included).
+
+    finish_reason is set once it has ended: stop | length | cancelled (closed, or the scheduler
+    stopped). close() (or leaving a `with` block) cancels the request and frees its slot.
+    """
+
+    def __init__(self, scheduler: BatchScheduler, prompt_ids: list[int], settings: SamplingSettings):
+        self._scheduler, self.prompt_ids, self.settings = scheduler, prompt_ids, settings
+        self._items: queue.SimpleQueue[int | str | BaseException] = queue.SimpleQueue()
+        self.request: Request | None = None  # the engine's handle, once the scheduler has added it
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> int:
+        if self.finish_reason is not None:
+            raise StopIteration
+        item = self._items.get()
+        if isinstance(item, int):
+            return item
+        if isinstance(item, BaseException):
+            self.finish_reason = CANCELLED
+            raise RuntimeError("the decoding thread failed") from item
+        self.finish_reason = item
+        raise StopIteration
+
+    def put(self, item: int | str | BaseException) -> None:
+        self._items.put(item)
+
+    def close(self) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = CANCELLED
+            self._scheduler.cancel(self)
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BatchScheduler:
+    """Runs a DecodeEngine on a background thread; requests join and leave its batch between steps.
+
+    submit() is thread-safe and returns at once; the request waits in a queue of at most max_queue
+    requests until a slot is free (QueueFull beyond). stop() ends the thread and every open stream.
+    """
+
+    def __init__(self, engine: DecodeEngine, max_queue: int = 64):
+        self.engine, self.max_queue = engine, max_queue
+        self._wake = threading.Condition()  # guards everything below; the engine is the thread's
+        self._queue: deque[TokenStream] = deque()
+        self._cancelled: list[TokenStream] = []
+        self._running: dict[Request, TokenStream] = {}
+        self._stats = engine.stats.copy()
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="smallgpt-decode", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: Sequence[int], settings: SamplingSettings) -> TokenStream:
+        """Queue a request; iterate the returned stream for its token ids. UserError for a bad
+        request, QueueFull when max_queue requests already wait."""
+        self.engine.check(prompt_ids, settings)
+        stream = TokenStream(self, list(prompt_ids), settings)
+        with self._wake:
+            if self._stopping or self._failure is not None:
+                raise RuntimeError("the scheduler has stopped")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are already waiting")
+            self._queue.append(stream)
+            self._wake.notify()
+        return stream
+
+    def cancel(self, stream: TokenStream) -> None:
+        with self._wake:
+            if stream in self._queue:
+                self._queue.remove(stream)
+            else:
+                self._cancelled.append(stream)
+                self._wake.notify()
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's counters after its latest step."""
+        with self._wake:
+            return self._stats.copy()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(requests running, requests waiting for a slot)."""
+        with self._wake:
+            return len(self._running), len(self._queue)
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            while self._next_batch():
+                events = self.engine.step()  # outside the lock: submitting never waits for a forward
+                self._deliver(events)
+        except BaseException as error:  # a bug: every caller sees it rather than waiting forever
+            self._end_all(error)
+            raise
+        self._end_all(CANCELLED)
+
+    def _next_batch(self) -> bool:
+        """Apply cancels and move queued requests into free slots; wait while there is no work.
+        False once stop() was called."""
+        with self._wake:
+            while True:
+                for stream in self._cancelled:
+                    if stream.request is not None:
+                        self.engine.cancel(stream.request)
+                        self._running.pop(stream.request, None)
+                self._cancelled.clear()
+                while self._queue and self.engine.free_slots > 0:
+                    stream = self._queue.popleft()
+                    stream.request = self.engine.add(stream.prompt_ids, stream.settings)
+                    self._running[stream.request] = stream
+                if self._stopping:
+                    return False
+                if self.engine.busy:
+                    return True
+                self._wake.wait()
+
+    def _deliver(self, events: list[Event]) -> None:
+        with self._wake:
+            for request, token_id, finish_reason in events:
+                stream = self._running.get(request)
+                if stream is None:
+                    continue
+                stream.put(token_id)
+                if finish_reason is not None:
+                    stream.put(finish_reason)
+                    del self._running[request]
+            self._stats = self.engine.stats.copy()
+
+    def _end_all(self, reason: str | BaseException) -> None:
+        with self._wake:
+            if isinstance(reason, BaseException):
+                self._failure = reason
+            for stream in [*self._running.values(), *self._queue]:
+                stream.put(reason)
+            self._running.clear()
+            self._queue.clear()

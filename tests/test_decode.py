@@ -1,0 +1,204 @@
+"""The decode engine: a request gets the same tokens in a batch as alone, whatever joins or leaves."""
+
+import threading
+
+import pytest
+import torch
+
+from smallgpt.decode import (
+    BatchScheduler,
+    DecodeEngine,
+    QueueFull,
+    SamplingSettings,
+    penalize_repeats,
+    sample_next,
+)
+from smallgpt.errors import UserError
+from smallgpt.model.gpt import GPT, ModelConfig
+
+BLOCK = 32
+POSITIONS = [{}, {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}]
+
+
+def tiny(**options) -> GPT:
+    """A random model with larger weights than GPT-2's init: its tokens depend on the whole context
+    (at std 0.02 attention barely matters and a wrong mask would go unnoticed)."""
+    torch.manual_seed(0)
+    config = ModelConfig(block_size=BLOCK, vocab_size=50, n_layer=2, n_head=2, n_embd=32, **options)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.normal_(0.0, 0.3)
+    return model
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(0, 50, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def alone(model: GPT, prompt_ids: list[int], settings: SamplingSettings, use_cache: bool = True) -> list[int]:
+    return list(DecodeEngine(model, max_batch=1, use_cache=use_cache).generate(prompt_ids, settings))
+
+
+def run_batched(engine: DecodeEngine, joining: dict[int, list[tuple[list[int], SamplingSettings]]]):
+    """Step until idle; joining[step] are the requests added before that step. Returns each
+    request's tokens in the order added, and the finish reasons."""
+    requests, tokens = [], {}
+    step = 0
+    while engine.busy or any(s >= step for s in joining):
+        for prompt_ids, settings in joining.get(step, []):
+            requests.append(engine.add(prompt_ids, settings))
+        for event in engine.step():
+            tokens.setdefault(id(event.request), []).append(event.token_id)
+        step += 1
+    return [tokens[id(r)] for r in requests], [r.finish_reason for r in requests]
+
+
+@pytest.mark.parametrize("options", POSITIONS)
+def test_cache_matches_full_recompute_greedy(options):
+    model = tiny(**options)
+    settings = SamplingSettings(max_new_tokens=20, temperature=0)
+    for seed in range(3):  # within block_size (5 + 20 < 32) both paths see the same context
+        assert alone(model, prompt(5, seed), settings) == alone(model, prompt(5, seed), settings, False)
+
+
+@pytest.mark.parametrize("options", POSITIONS)
+def test_batched_greedy_equals_each_request_alone(options):
+    model = tiny(**options)
+    greedy = SamplingSettings(max_new_tokens=50, temperature=0)
+    prompts = [prompt(n, seed) for seed, n in enumerate([3, 17, 1, 30, 8, 12])]
+    expected = [alone(model, p, greedy) for p in prompts]
+    # request 2 leaves early at a stop id (its 6th token alone), request 4 after 7 tokens
+    stop_early = SamplingSettings(max_new_tokens=50, temperature=0, stop_ids=(expected[2][5],))
+    short = SamplingSettings(max_new_tokens=7, temperature=0)
+    expected[2] = expected[2][: expected[2].index(expected[2][5]) + 1]
+    expected[4] = alone(model, prompts[4], short)
+    settings = [greedy, greedy, stop_early, greedy, short, greedy]
+    # 4 slots for 6 requests: some wait for a slot, some join mid-decode, rows pass block_size
+    joining = {0: [(prompts[0], settings[0]), (prompts[1], settings[1])], 3: [(prompts[2], settings[2])]}
+    joining[9] = [(p, s) for p, s in zip(prompts[3:], settings[3:])]
+    engine = DecodeEngine(model, max_batch=4)
+    tokens, reasons = run_batched(engine, joining)
+    assert tokens == expected
+    assert reasons == ["length", "length", "stop", "length", "length", "length"]
+    assert len(prompts[3]) + len(tokens[3]) > 2 * BLOCK  # this row slid past block_size, twice
+    assert engine.stats.max_batch_size == 4 and engine.stats.tokens == sum(map(len, tokens))
+    assert not engine.busy and engine.free_slots == 4
+
+
+def test_per_row_settings_and_seeds_in_one_batch():
+    model = tiny()
+    settings = [
+        SamplingSettings(max_new_tokens=40, temperature=0),
+        SamplingSettings(max_new_tokens=40, temperature=1.0, seed=1),
+        SamplingSettings(max_new_tokens=40, temperature=1.0, seed=2),
+        SamplingSettings(max_new_tokens=40, temperature=0.7, top_k=5, top_p=0.9, seed=1),
+        SamplingSettings(40, temperature=1.5, repetition_penalty=1.5, suppress_ids=(7, 8), seed=3),
+    ]
+    prompts = [prompt(4 + 3 * i, i) for i in range(len(settings))]
+    tokens, _ = run_batched(DecodeEngine(model, max_batch=8), {0: list(zip(prompts, settings))})
+    assert tokens == [alone(model, p, s) for p, s in zip(prompts, settings)]
+    assert tokens[1] != tokens[2]  # the seed, not the batch, decides
+    assert not {7, 8} & set(tokens[4])
+    same_prompt = [(prompts[1], settings[1]), (prompts[1], settings[1])]
+    twins, _ = run_batched(DecodeEngine(model, max_batch=2), {0: same_prompt})
+    assert twins[0] == twins[1] == tokens[1]
+
+
+def test_cancel_frees_the_slot_at_once():
+    model = tiny()
+    engine = DecodeEngine(model, max_batch=1)
+    settings = SamplingSettings(max_new_tokens=10, temperature=0)
+    first, second = engine.add(prompt(5, 0), settings), engine.add(prompt(6, 1), settings)
+    third = engine.add(prompt(7, 2), settings)
+    assert [event.request for event in engine.step()] == [first]
+    engine.cancel(third)  # still waiting: it never runs
+    engine.cancel(first)
+    assert first.finish_reason == third.finish_reason == "cancelled" and engine.free_slots == 0
+    events = engine.step()
+    assert [event.request for event in events] == [second] and second.slot == 0
+    while engine.busy:
+        events += engine.step()
+    assert [event.token_id for event in events] == alone(model, prompt(6, 1), settings)
+
+
+def test_sampling_filters_restrict_choices():
+    logits = torch.tensor([[4.0, 3.0, 2.0, -5.0, -5.0]])
+    gen = torch.Generator().manual_seed(0)
+    assert {int(sample_next(logits, 1.0, 2, None, gen)) for _ in range(200)} == {0, 1}
+    # probabilities ~ [0.665, 0.245, 0.09, ...]: top_p 0.8 keeps the first two tokens only
+    assert {int(sample_next(logits, 1.0, None, 0.8, gen)) for _ in range(200)} == {0, 1}
+    assert {int(sample_next(logits, 1.0, None, 0.5, gen)) for _ in range(50)} == {0}
+    assert int(sample_next(logits, 0.0, None, None, gen)) == 0
+    penalized = penalize_repeats(logits, torch.tensor([[0, 3, 0]]), 2.0)
+    assert penalized.tolist() == [[2.0, 3.0, 2.0, -10.0, -5.0]]
+
+
+@pytest.mark.parametrize(
+    "prompt_ids, settings, fragment",
+    [
+        ([], SamplingSettings(), "at least one token"),
+        ([1, 50], SamplingSettings(), "token id 50"),
+        ([1], SamplingSettings(stop_ids=(-1,)), "token id -1"),
+        ([1], SamplingSettings(temperature=-1), "temperature"),
+        ([1], SamplingSettings(max_new_tokens=0), "max_new_tokens"),
+        ([1], SamplingSettings(top_p=1.5), "top_p"),
+    ],
+)
+def test_bad_requests_are_user_errors(prompt_ids, settings, fragment):
+    with pytest.raises(UserError, match=fragment):
+        DecodeEngine(tiny(), max_batch=1).add(prompt_ids, settings)
+
+
+def test_scheduler_batches_concurrent_requests_each_gets_its_own_text():
+    model = tiny()
+    settings = [SamplingSettings(max_new_tokens=30 + i, temperature=0) for i in range(6)]
+    settings[5] = SamplingSettings(max_new_tokens=30, temperature=1.0, seed=5)
+    prompts = [prompt(2 + 4 * i, i) for i in range(6)]
+    scheduler = BatchScheduler(DecodeEngine(model, max_batch=4), max_queue=8)
+    results: dict[int, list[int]] = {}
+    start = threading.Barrier(6)
+
+    def client(i: int) -> None:
+        start.wait()
+        with scheduler.submit(prompts[i], settings[i]) as stream:
+            results[i] = list(stream)
+            assert stream.finish_reason == "length"
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    scheduler.stop()
+    assert [results[i] for i in range(6)] == [alone(model, p, s) for p, s in zip(prompts, settings)]
+    assert scheduler.stats.max_batch_size > 1 and scheduler.load == (0, 0)
+
+
+def test_scheduler_queue_full_and_cancel_on_close():
+    model = tiny()
+    scheduler = BatchScheduler(DecodeEngine(model, max_batch=1), max_queue=1)
+    endless = SamplingSettings(max_new_tokens=10**9, temperature=0)
+    running = scheduler.submit(prompt(3, 0), endless)
+    next(running)  # it holds the only slot now
+    waiting = scheduler.submit(prompt(4, 1), SamplingSettings(max_new_tokens=5, temperature=0))
+    with pytest.raises(QueueFull):
+        scheduler.submit(prompt(5, 2), SamplingSettings())
+    assert scheduler.load == (1, 1)
+    running.close()  # frees the slot: the waiting request runs
+    assert list(waiting) == alone(model, prompt(4, 1), SamplingSettings(max_new_tokens=5, temperature=0))
+    assert running.finish_reason == "cancelled" and list(running) == []
+    with pytest.raises(UserError, match="temperature"):
+        scheduler.submit([1], SamplingSettings(temperature=-1))
+    scheduler.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        scheduler.submit([1], SamplingSettings())
+
+
+def test_scheduler_stop_ends_open_streams():
+    scheduler = BatchScheduler(DecodeEngine(tiny(), max_batch=1))
+    stream = scheduler.submit([1, 2], SamplingSettings(max_new_tokens=10**9, temperature=0))
+    next(stream)
+    scheduler.stop()
+    list(stream)  # ends instead of blocking
+    assert stream.finish_reason == "cancelled"
