@@ -1,7 +1,7 @@
 """GPU check: smallgpt's CUDA paths, speed and a short real training run on one GPU, as one table.
 
 Everything runs through smallgpt's own entry points (`train(config)` with the shipped configs, the
-prepare code, `build_optimizer`, `load_run`, `GPT.generate_stream`, `sample`), so the table is about
+prepare code, `build_optimizer`, `load_run`, `decode.DecodeEngine`, `sample`), so the table is about
 the product, not about a copy of it. About 8 minutes on one H100. Rows, by part of issue 19:
   1. unit checks (exit status 1 if one fails): bf16 autocast steps are finite; the compiled model's
      loss equals eager's; fused AdamW runs; SDPA runs with only the flash or memory-efficient
@@ -47,7 +47,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from smallgpt.config import Config, OptimConfig, apply_values, load_config
 from smallgpt.data.loader import BatchSampler, open_split
 from smallgpt.data.prepare import load_meta
 from smallgpt.data.tokenizers import build_tokenizer
+from smallgpt.decode import DecodeEngine, SamplingSettings
 from smallgpt.errors import UserError
 from smallgpt.experiments.metrics import events
 from smallgpt.generate import SampleArgs, SamplingOptions, sample
@@ -239,16 +240,26 @@ def generated_tokens_per_sec(
     """New tokens per second over the batch, as `smallgpt sample` makes them: its default sampling
     settings, fp32 weights, and a fresh process's full-precision matmuls (the Trainer turned TF32 on)."""
     options = SamplingOptions()
-    prompt = torch.zeros((batch, 1), dtype=torch.long, device=device)
-    rng = torch.Generator(device=device).manual_seed(options.seed)
-    sampling = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
+    engine = DecodeEngine(model, max_batch=batch, use_cache=use_cache)
+    for row in range(batch):
+        engine.add([0], replace(options.settings(), max_new_tokens=new_tokens, seed=options.seed + row))
     with exact_fp32():
         synchronize(device)
         start, count = time.perf_counter(), 0
-        for _ in model.generate_stream(prompt, new_tokens, generator=rng, use_cache=use_cache, **sampling):
-            count += batch
+        while engine.busy:
+            count += len(engine.step())
         synchronize(device)
     return count / (time.perf_counter() - start)
+
+
+def greedy_rows(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool = True) -> torch.Tensor:
+    """Greedy continuations (B, new_tokens) of the rows of `prompt` (B, T), decoded as one batch."""
+    engine = DecodeEngine(model, max_batch=prompt.size(0), use_cache=use_cache)
+    greedy = SamplingSettings(max_new_tokens=new_tokens, temperature=0)
+    requests = [engine.add(row, greedy) for row in prompt.tolist()]
+    while engine.busy:
+        engine.step()
+    return torch.tensor([r.context[prompt.size(1) :] for r in requests])
 
 
 # ---- part 1: unit checks ------------------------------------------------------------------------
@@ -306,10 +317,7 @@ def check_compile(ctx: Context, model: GPT, x: torch.Tensor, y: torch.Tensor) ->
 def check_kv_cache(ctx: Context, model: GPT, prompt: torch.Tensor) -> None:
     new = model.config.block_size - prompt.size(1)  # within the block, both paths see every token
     with exact_fp32():
-        runs = [
-            torch.stack(list(model.generate_stream(prompt, new, temperature=0, use_cache=cache)), dim=1)
-            for cache in (True, False)
-        ]
+        runs = [greedy_rows(model, prompt, new, use_cache) for use_cache in (True, False)]
     differ = (runs[0] != runs[1]).any(dim=0).nonzero()
     found = f"differ first at new token {int(differ[0])}" if len(differ) else "identical"
     ctx.report.unit(
@@ -343,7 +351,7 @@ def check_sdpa(ctx: Context, model: GPT, x: torch.Tensor, y: torch.Tensor) -> No
         model.zero_grad(set_to_none=True)
 
     def decode() -> None:  # as `smallgpt sample` runs it: fp32, one cached token at a time
-        list(model.generate_stream(x[:2, :4], 8, temperature=0))
+        greedy_rows(model, x[:2, :4], 8)
 
     kernels = {
         "train (bf16)": sdpa_kernel_that_runs(train_step),
@@ -501,7 +509,7 @@ def compiled_decode(ctx: Context) -> None:
         ctx.report.add(3, check, f"not run: {left:.0f} s of the time budget left", result="skipped")
         return
     model, _ = load_run(ctx.work / "gpt2_124m", device, "last")
-    model.compile(**ctx.plan.decode_compile_args)  # in place: generate_stream's self(...) runs compiled
+    model.compile(**ctx.plan.decode_compile_args)  # in place: the engine's model(...) runs compiled
     generated_tokens_per_sec(model, 1, 16, True, device)  # compiles (the first cache length, then any)
     speed = generated_tokens_per_sec(model, 1, new, True, device)
     gain = speed / ctx.report.figures["generate_b1_cache"]
