@@ -1,13 +1,19 @@
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import TINY as CLI_TINY
+from test_cli import assert_user_error
 
+from smallgpt.cli import main
 from smallgpt.data import prepare
 from smallgpt.data.prepare import load_meta
-from smallgpt.data.tokenizers import CharTokenizer, load_tokenizer
+from smallgpt.data.tokenizers import CharTokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 from smallgpt.errors import UserError
+from smallgpt.model.gpt import ModelConfig
 from smallgpt.preparation import PrepareArgs, run_prepare
 
 
@@ -188,3 +194,77 @@ def test_load_meta_errors(tmp_path):
     (tmp_path / "meta.json").write_text('{"format_version": 99}', encoding="utf-8")
     with pytest.raises(UserError, match="format-1"):
         load_meta(tmp_path)
+
+
+# ---- --tokenizer-from RUN: new text in a trained run's ids -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def char_run(tmp_path_factory, char_data):
+    """A tiny char run on tiny shakespeare, trained through the CLI (it has ckpt/last to resume)."""
+    run = tmp_path_factory.mktemp("runs") / "shakespeare"
+    args = ["train", f"--dataset={char_data}", f"--out_dir={run}", "--max_iters=4", "--eval_interval=2"]
+    assert main([*args, *CLI_TINY]) == 0
+    return run
+
+
+def test_tokenizer_from_a_char_run_then_fine_tune(char_run, tmp_path, shared_data, monkeypatch):
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    docs = [text[i : i + 3000] for i in range(0, 60_000, 3000)]
+    lines = "".join(json.dumps({"text": doc}) + "\n" for doc in docs)
+    (tmp_path / "more.jsonl").write_text(lines, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    meta = run_prepare(PrepareArgs(input="more.jsonl", tokenizer_from=str(char_run)))
+    out = tmp_path / "data" / "more_shakespeare"  # named after the run
+    run_tok = load_tokenizer(char_run)
+    assert load_meta(out) == meta and meta["tokenizer"]["fingerprint"] == run_tok.fingerprint()
+    assert load_tokenizer(out).to_dict() == run_tok.to_dict()
+    train = read_split(out, "train")
+    first = docs.index(run_tok.decode(train[: int(np.argmax(train == run_tok.eot_id))].tolist()))
+    assert train[: len(docs[first])].tolist() == run_tok.encode(docs[first])
+
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(char_run, finetuned)
+    args = ["train", f"--dataset={out}", f"--out_dir={finetuned}", "--init_from=resume", "--max_iters=6"]
+    assert main([*args, "--eval_interval=2", *CLI_TINY]) == 0  # the checkpoint accepts the new data
+
+
+def test_tokenizer_from_a_bpe_run(tmp_path, make_run, shared_data):
+    corpus = (shared_data / "tinystories" / "tinystories_sample_cs336.txt").read_text(encoding="utf-8")
+    tok = build_tokenizer("bpe:300", [corpus[:20_000]])
+    make_run(tmp_path / "run", ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=1, n_embd=8), tok)
+    (tmp_path / "new.txt").write_text("A brand new story about a dog.", encoding="utf-8")
+    args = PrepareArgs(input=str(tmp_path / "new.txt"), tokenizer_from=str(tmp_path / "run"), val_fraction=0)
+    meta = run_prepare(replace(args, out=str(tmp_path / "out")))
+    assert meta["tokenizer"]["kind"] == "bpe" and meta["vocab_size"] == 300
+    ids = read_split(tmp_path / "out", "train").tolist()
+    assert ids == tok.encode("A brand new story about a dog.") + [tok.eot_id]
+
+
+def run_without_tokenizer(run: Path) -> Path:
+    (run / "tokenizer.json").unlink()
+    return run
+
+
+def run_with_another_tokenizer(run: Path) -> Path:
+    save_tokenizer(CharTokenizer("abc"), run / "tokenizer.json")
+    return run
+
+
+@pytest.mark.parametrize(
+    "damage, text, fragments",
+    [
+        (run_without_tokenizer, "To be.", ["tokenizer.json does not exist"]),
+        (run_with_another_tokenizer, "To be.", ["tokenizer.json is not the tokenizer checkpoint"]),
+        (lambda run: run, "西游记", ["3 character(s) not in the char tokenizer's vocabulary", "'西'"]),
+        (lambda run: run / "missing", "To be.", ["missing does not exist"]),
+    ],
+    ids=["missing", "mismatched", "unencodable", "no run"],
+)
+def test_tokenizer_from_bad_run(char_run, tmp_path, capsys, damage, text, fragments):
+    run = damage(Path(shutil.copytree(char_run, tmp_path / "run")))
+    (tmp_path / "new.txt").write_text(text, encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["prepare", "--input", str(tmp_path / "new.txt"), "--tokenizer-from", str(run), "--out", str(out)]
+    assert_user_error(capsys, args, *fragments)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from smallgpt.data import sources
+from smallgpt.data import readers, sources
 from smallgpt.data.sources import open_source
 from smallgpt.data.tokenizers import build_tokenizer
 from smallgpt.errors import UserError
@@ -75,7 +75,7 @@ def test_bom_is_stripped(shared_data, tmp_path):
     small = tmp_path / "small.txt"
     small.write_bytes(path.read_bytes()[:3000].decode(errors="ignore").encode())
     for chunk_bytes in (1, 2, 4):
-        text = "".join(sources.read_text(small, chunk_bytes))
+        text = "".join(readers.read_text(small, chunk_bytes))
         assert text == small.read_text(encoding="utf-8-sig")
 
 
@@ -135,14 +135,14 @@ def test_invalid_utf8_reports_byte_offset(tmp_path, chunk_bytes):
     path = tmp_path / "bad.txt"
     path.write_bytes("héllo".encode() + b"\xff rest")  # the bad byte is at offset 6
     with pytest.raises(UserError, match=r"bad.txt is not valid UTF-8 text \(byte offset 6\)"):
-        list(sources.read_text(path, chunk_bytes))
+        list(readers.read_text(path, chunk_bytes))
 
 
 def test_truncated_character_at_end_of_file(tmp_path):
     path = tmp_path / "cut.txt"
     path.write_bytes(b"ab" + "悟".encode()[:2])
     with pytest.raises(UserError, match=r"byte offset 2"):
-        list(sources.read_text(path, 1))
+        list(readers.read_text(path, 1))
 
 
 def test_empty_and_missing_inputs(tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from smallgpt.chat.format import BOT, USER, Conversation, Turn, alternate
+from smallgpt.data.readers import read_json_lines
 from smallgpt.errors import UserError
 
 SNIFF_BYTES = 1 << 16
@@ -97,13 +98,7 @@ def read_lccc_json(path: Path) -> Iterator[Conversation]:
 
 def read_jsonl(path: Path) -> Iterator[Conversation]:
     """Chat messages; `system` messages are skipped (the chat format has no system turn)."""
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {number} is not valid JSON ({e.msg})") from None
+    for number, record in read_json_lines(path):
         read = (_turn(m, path, number) for m in _messages(record, path, number))
         turns = [t for t in read if t is not None and t.text]
         if turns:

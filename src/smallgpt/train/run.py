@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from smallgpt.config import Config, save_config
-from smallgpt.data.loader import BatchSampler, open_mask, open_split
-from smallgpt.data.prepare import load_meta
-from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
+from smallgpt.data.loader import BatchSampler, open_dataset, open_mask, open_split
+from smallgpt.data.nanogpt import is_nanogpt_folder
+from smallgpt.data.tokenizers import Tokenizer, save_tokenizer
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_write_bytes, atomic_write_json, resolve_dir
+from smallgpt.io import atomic_write_json, resolve_dir
 from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.train import checkpoint
 from smallgpt.train.distributed import DistInfo, init_distributed, shutdown_distributed
@@ -25,12 +25,13 @@ EVAL_SEED_OFFSET = 10_000  # eval samplers draw from their own seeds, apart from
 
 
 def resolve_dataset(dataset: str) -> Path:
-    """A prepared data folder: the path itself, or nanoGPT's `data/<name>`."""
+    """A prepared (or nanoGPT) data folder: the path itself, or nanoGPT's `data/<name>`."""
     for candidate in (Path(dataset), Path("data") / dataset):
-        if (candidate / "meta.json").is_file():
+        if (candidate / "meta.json").is_file() or is_nanogpt_folder(candidate):
             return candidate
     raise UserError(
-        f"dataset {dataset!r} not found (no meta.json there or in data/{dataset}): run smallgpt prepare"
+        f"dataset {dataset!r} not found (no meta.json nor nanoGPT's train.bin there or in data/{dataset}): "
+        "run smallgpt prepare"
     )
 
 
@@ -157,10 +158,7 @@ def train(config: Config) -> dict[str, float]:
 
 def _train(config: Config, info: DistInfo) -> dict[str, float]:
     data_dir = resolve_dataset(config.data.dataset)
-    meta = load_meta(data_dir)
-    tokenizer = load_tokenizer(data_dir / "tokenizer.json")
-    if tokenizer.fingerprint() != meta["tokenizer"]["fingerprint"]:
-        raise UserError(f"{data_dir}/tokenizer.json does not match its meta.json: prepare the data again")
+    meta, tokenizer = open_dataset(data_dir)
     run_dir = Path(config.train.out_dir)
     ckpt = resume_checkpoint(config, run_dir, tokenizer.fingerprint())
     pretrained = pretrained_model(config, tokenizer, data_dir)
@@ -190,7 +188,7 @@ def _train(config: Config, info: DistInfo) -> dict[str, float]:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-        atomic_write_bytes(run_dir / "tokenizer.json", (data_dir / "tokenizer.json").read_bytes())
+        save_tokenizer(tokenizer, run_dir / "tokenizer.json")
         atomic_write_json(run_dir / "data_meta.json", meta)
         print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
         t = config.train
