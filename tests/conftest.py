@@ -1,6 +1,7 @@
 """Fixtures shared by the test files: the shared corpora, the tiny shakespeare char dataset, and
 run folders holding a random tiny GPT."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,17 @@ def write_run(run_dir: Path, config: ModelConfig, tokenizer: Tokenizer, seed: in
 def make_run():
     """`write_run`, for tests and fixtures that need a trained-looking run without training."""
     return write_run
+
+
+def hash_files(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path: equal dicts mean nothing was written."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def folder_hashes():
+    return hash_files

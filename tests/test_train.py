@@ -103,6 +103,15 @@ def test_lr_decay_by_seconds_needs_a_time_budget(char_data, tmp_path):
         run(char_data, tmp_path / "t", "--lr_decay_by=time")
 
 
+def test_eval_only_writes_nothing_into_the_run(char_data, tmp_path, folder_hashes):
+    run_dir = tmp_path / "run"
+    run(char_data, run_dir, "--max_iters=10", "--eval_interval=10")
+    before = folder_hashes(run_dir)
+    metrics = run(char_data, run_dir, "--init_from=resume", "--eval_only=true", "--eval_iters=8")
+    assert metrics["val_loss"] > 0
+    assert folder_hashes(run_dir) == before  # config.yaml, metrics.jsonl, checkpoints untouched
+
+
 def test_resume_without_checkpoint_is_user_error(char_data, tmp_path):
     with pytest.raises(UserError, match="no ckpt/last"):
         run(char_data, tmp_path / "none", "--max_iters=1", "--init_from=resume")

@@ -185,11 +185,12 @@ def _train(config: Config, info: DistInfo) -> dict[str, float]:
     )
     if ckpt is not None:
         trainer.resume(ckpt)
-    if info.is_main:
+    if info.is_main and not config.train.eval_only:  # evaluating a run leaves its folder as it was
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         save_tokenizer(tokenizer, run_dir / "tokenizer.json")
         atomic_write_json(run_dir / "data_meta.json", meta)
+    if info.is_main:
         print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
         t = config.train
         tokens_per_iter = t.batch_size * config.model.block_size * t.gradient_accumulation_steps

@@ -309,7 +309,7 @@ class Trainer:
         """Train until max_iters (or max_seconds); returns the last evaluation's metrics."""
         t, main = self.settings, self.dist.is_main
         logger = None
-        if main:
+        if main and not t.eval_only:  # eval_only prints its metrics; the run's metrics.jsonl stays as it was
             logger = MetricsLogger(self.run_dir, self.resumed, t.tensorboard, t.wandb_run)
         bar = progress_bar(main and t.progress, total=t.max_iters, initial=self.iter_num, unit="it")
         log = bar.write if main else (lambda _line: None)
