@@ -90,6 +90,12 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "interactive: type a beginning, the model continues it",
     ),
     "chat": Verb("smallgpt.chat.repl", "ChatArgs", "chat", "talk to a model trained on chat data"),
+    "eval": Verb(
+        "smallgpt.evaluate",
+        "EvalArgs",
+        "run_eval",
+        "score texts with runs or GPT-2: loss, perplexity, bits per byte (one table)",
+    ),
     "plot": Verb("smallgpt.experiments.plot", "PlotArgs", "plot", "draw train/val loss curves of runs"),
     "export-metrics": Verb(
         "smallgpt.experiments.metrics",
