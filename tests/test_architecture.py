@@ -22,6 +22,7 @@ LAYERS = [
         [
             "smallgpt.decode",
             "smallgpt.generate",
+            "smallgpt.evaluate",
             "smallgpt.chat",
             "smallgpt.classify",
             "smallgpt.experiments",

@@ -23,6 +23,7 @@ from smallgpt.cli import main
 from smallgpt.config import load_config
 from smallgpt.data.tokenizers import build_tokenizer, load_tokenizer, tokenizer_from_dict
 from smallgpt.errors import UserError
+from smallgpt.generate import Generator
 from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train.run import train
 
@@ -85,8 +86,8 @@ def test_keep_recent_trims_oldest_turns():
     assert keep_recent([5, 5, 9], 8) == 3
 
 
-class ScriptedGenerator:
-    """Stands in for generate.Generator: records prompts, answers with fixed ids."""
+class ScriptedGenerator(Generator):
+    """A generate.Generator that loads nothing: records prompts, answers with fixed ids."""
 
     def __init__(self, tok, replies, block_size=40, max_new_tokens=10):
         self.tokenizer, self.replies, self.prompts = tok, list(replies), []

@@ -10,11 +10,11 @@ from test_cli import assert_user_error
 
 from smallgpt.cli import main
 from smallgpt.config import load_config
-from smallgpt.data.prepare import PrepareArgs, run_prepare
 from smallgpt.data.tokenizers import CharTokenizer
 from smallgpt.evaluate import EvalArgs, run_eval, score_documents, windows
 from smallgpt.experiments.metrics import events
 from smallgpt.model.gpt import GPT, ModelConfig
+from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.runs import load_run
 from smallgpt.train.run import train
 from smallgpt.train.trainer import lm_loss

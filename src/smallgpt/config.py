@@ -51,7 +51,7 @@ class TrainConfig:
     eval_iters: int = 200
     """batches per split in each evaluation"""
     eval_only: bool = False
-    """evaluate once and exit"""
+    """evaluate once, print, and exit; writes nothing into out_dir"""
     always_save_checkpoint: bool = True
     """write ckpt/last at every evaluation, not only on improvement"""
     seed: int = 1337

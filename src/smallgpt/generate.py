@@ -124,16 +124,29 @@ class Generator:
         settings = self.options.settings(stop_ids, self.suppress_ids(stop_ids))
         yield from self.engine.generate(ids, settings, self.rng)
 
+    def text_stream(
+        self, ids: Sequence[int], stop_ids: tuple[int, ...] | None = None, new_ids: list[int] | None = None
+    ) -> Iterator[str]:
+        """The continuation of `ids` as text pieces, until end-of-text (or a given stop id, not
+        included); each new id is also appended to `new_ids` when given."""
+        stop_ids = (self.tokenizer.eot_id,) if stop_ids is None else stop_ids
+        decoder = StreamDecoder(self.tokenizer)
+        for token_id in self.stream(ids, stop_ids):
+            if token_id in stop_ids:
+                break
+            if new_ids is not None:
+                new_ids.append(token_id)
+            if piece := decoder.push(token_id):
+                yield piece
+        if tail := decoder.flush():
+            yield tail
+
     def write_stream(self, ids: Sequence[int], out: TextIO) -> list[int]:
         """Stream a continuation of `ids` to `out`; returns the new ids (end-of-text excluded)."""
-        decoder, new = StreamDecoder(self.tokenizer), []
-        for token_id in self.stream(ids):
-            if token_id == self.tokenizer.eot_id:
-                break
-            new.append(token_id)
-            out.write(decoder.push(token_id))
+        new: list[int] = []
+        for piece in self.text_stream(ids, new_ids=new):
+            out.write(piece)
             out.flush()
-        out.write(decoder.flush())
         return new
 
 

@@ -14,8 +14,9 @@ marker, which the chat REPL writes itself). At chat time the prompt is the histo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,27 @@ Conversation = list[Turn]
 def alternate(utterances: Sequence[str]) -> Conversation:
     """Turns of a two-party dialogue given as bare utterances: user first, then bot, and so on."""
     return [Turn(ROLES[i % 2], text) for i, text in enumerate(utterances)]
+
+
+OPENAI_ROLES = {"user": USER, "assistant": BOT}  # OpenAI's message roles; "system" has no turn here
+
+
+def turns_from_messages(messages: Sequence[Mapping[str, Any]]) -> Conversation:
+    """OpenAI-style messages ([{"role": "user", "content": "..."}, ...]) as turns; system messages
+    are skipped (the format has no turn for them), and the last turn must be the user's."""
+    turns: Conversation = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, Mapping) else None
+        if role not in (*OPENAI_ROLES, "system") or not isinstance(message.get("content"), str):
+            raise UserError(
+                f"message {i} must be {{'role': 'user' | 'assistant' | 'system', 'content': text}}, "
+                f"got {message!r}"
+            )
+        if role in OPENAI_ROLES:
+            turns.append(Turn(OPENAI_ROLES[role], message["content"]))
+    if not turns or turns[-1].role != USER:
+        raise UserError("the last message (other than system ones) must be the user's: the model answers it")
+    return turns
 
 
 class ChatFormat:

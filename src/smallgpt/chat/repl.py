@@ -18,7 +18,7 @@ import numpy as np
 from smallgpt.chat.format import BOT, USER, ChatFormat, Turn, keep_recent
 from smallgpt.data.tokenizers import UNK
 from smallgpt.errors import UserError
-from smallgpt.generate import Generator, SamplingOptions, StreamDecoder
+from smallgpt.generate import Generator, SamplingOptions
 from smallgpt.runs import find_checkpoint
 from smallgpt.train import checkpoint
 
@@ -38,6 +38,11 @@ class ChatArgs(SamplingOptions):
     repetition_penalty: float = field(
         default=1.1, metadata={"help": "above 1 makes tokens already in the context less likely"}
     )
+
+
+def default_reply_tokens(block_size: int) -> int:
+    """The longest reply unless asked otherwise: half the model's context, at most MAX_REPLY."""
+    return min(MAX_REPLY, block_size // 2)
 
 
 class ChatSession:
@@ -73,17 +78,19 @@ class ChatSession:
             return None
         self.turns.append((Turn(USER, text), user))
         context = [ids for _, ids in self.turns[self.in_context() :]]
-        decoder, reply_ids = StreamDecoder(self.generator.tokenizer), []
-        for token_id in self.generator.stream(self.format.prompt(context), stop_ids=self.format.stop_ids):
-            if token_id in self.format.stop_ids:
-                break
-            reply_ids.append(token_id)
-            out.write(decoder.push(token_id))
+        reply_ids: list[int] = []
+        for piece in self.generator.text_stream(self.format.prompt(context), self.format.stop_ids, reply_ids):
+            out.write(piece)
             out.flush()
-        out.write(decoder.flush() + "\n")
+        out.write("\n")
         answer = self.generator.tokenizer.decode(reply_ids)
         self.turns.append((Turn(BOT, answer), self.format.encode_turn(BOT, reply_ids)))
         return answer
+
+    def add_turn(self, role: str, text: str) -> None:
+        """A past turn of the conversation (e.g. from an API call's messages), without a reply."""
+        ids = self.format.encode_text(text, unknown="replace")
+        self.turns.append((Turn(role, text), self.format.encode_turn(role, ids)))
 
     def _encode_user(self, text: str) -> np.ndarray | None:
         tok = self.generator.tokenizer
@@ -115,7 +122,7 @@ def chat(args: ChatArgs, stdin: TextIO | None = None, out: TextIO | None = None)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     if args.max_new_tokens is None:
         ckpt = find_checkpoint(args.run, args.checkpoint)
-        args.max_new_tokens = min(MAX_REPLY, checkpoint.read_model_config(ckpt).block_size // 2)
+        args.max_new_tokens = default_reply_tokens(checkpoint.read_model_config(ckpt).block_size)
     session = ChatSession(Generator(args.run, args), lambda line: print(line, file=sys.stderr))
     if args.message is not None:
         session.reply(args.message.strip(), out)
