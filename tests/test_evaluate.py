@@ -1,5 +1,7 @@
 """`smallgpt eval`: sliding-window scoring, bits per byte, the table, and bad input."""
 
+import dataclasses
+import gzip
 import json
 import math
 
@@ -170,23 +172,40 @@ def test_folder_input_scores_each_document(char_run, tmp_path):
     assert result.score.nats == pytest.approx(score_documents(model, tokenizer, docs).nats, rel=1e-6)
 
 
+def test_records_of_jsonl_and_compressed_inputs_are_documents(char_run, tmp_path):
+    _, run = char_run
+    docs = ["First Citizen:\nSpeak.", "All:\nSpeak, speak.", "MENENIUS:\nWhy?"]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs), encoding="utf-8")
+    with gzip.open(tmp_path / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(docs[0])
+    args = EvalArgs(
+        run=[str(run)], input=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt.gz")], device="cpu"
+    )
+    records, compressed = run_eval(dataclasses.replace(args, text_field="body"))
+    model, tokenizer = load_run(run, torch.device("cpu"), "best")
+    assert records.score.documents == 3 and compressed.score.documents == 1
+    assert records.score.nats == pytest.approx(score_documents(model, tokenizer, docs).nats, rel=1e-6)
+    assert compressed.score.nats == pytest.approx(score_documents(model, tokenizer, docs[:1]).nats, rel=1e-6)
+
+
 @pytest.mark.parametrize(
-    "make, extra, fragments",
+    "name, content, extra, fragments",
     [
-        (None, [], ["--input"]),
-        (lambda p: p.write_bytes(b""), [], ["empty"]),
-        (lambda p: p.write_bytes(b"caf\xe9 au lait"), [], ["UTF-8"]),
-        (lambda p: p.write_text("hello"), ["--stride", "0"], ["--stride", "positive"]),
-        (lambda p: p.write_text("hello"), ["--stride", str(BLOCK + 1)], ["--stride", f"context of {BLOCK}"]),
-        (lambda p: p.write_text("hello"), ["--batch-size", "0"], ["--batch-size"]),
+        (None, None, [], ["--input"]),
+        ("in.txt", b"", [], ["empty"]),
+        ("in.txt", b"caf\xe9 au lait", [], ["UTF-8"]),
+        ("in.txt", b"hello", ["--stride", "0"], ["--stride", "positive"]),
+        ("in.txt", b"hello", ["--stride", str(BLOCK + 1)], ["--stride", f"context of {BLOCK}"]),
+        ("in.txt", b"hello", ["--batch-size", "0"], ["--batch-size"]),
+        ("in.jsonl", b'{"text": "hi"}\n', ["--text-field", "body"], ["body"]),
+        ("in.txt.gz", b"not gzip", [], ["in.txt.gz"]),
     ],
 )
-def test_bad_input_is_one_line(char_run, tmp_path, capsys, make, extra, fragments):
-    path = tmp_path / "in.txt"
+def test_bad_input_is_one_line(char_run, tmp_path, capsys, name, content, extra, fragments):
     inputs = []
-    if make is not None:
-        make(path)
-        inputs = ["--input", str(path)]
+    if name is not None:
+        (tmp_path / name).write_bytes(content)
+        inputs = ["--input", str(tmp_path / name)]
     assert_user_error(
         capsys, ["eval", "--run", str(char_run[1]), *inputs, *extra, "--device", "cpu"], *fragments
     )

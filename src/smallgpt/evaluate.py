@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from smallgpt.data.sources import open_source
+from smallgpt.data.sources import ReadOptions
 from smallgpt.data.tokenizers import UNK, Tokenizer
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
@@ -159,7 +159,7 @@ def score_documents(
 
 
 @dataclass
-class EvalArgs:
+class EvalArgs(ReadOptions):
     run: list[str] = field(
         default_factory=list, metadata={"help": "a run folder made by smallgpt train (repeat for several)"}
     )
@@ -169,7 +169,7 @@ class EvalArgs:
     )
     input: list[str] = field(
         default_factory=list,
-        metadata={"help": "a text file or a folder of .txt files, read as prepare reads it (repeatable)"},
+        metadata={"help": "a file or folder to score, read as prepare reads it (repeatable)"},
     )
     stride: int | None = field(
         default=None,
@@ -209,9 +209,9 @@ class Result:
         }
 
 
-def read_inputs(paths: list[str]) -> dict[str, list[str]]:
+def read_inputs(args: EvalArgs) -> dict[str, list[str]]:
     """The documents of each input, read the way `prepare` reads them (so errors come before loading)."""
-    return {path: list(open_source(None, path).documents()) for path in paths}
+    return {path: list(args.open(None, path).documents()) for path in args.input}
 
 
 def run_eval(args: EvalArgs, out: TextIO | None = None) -> list[Result]:
@@ -222,7 +222,7 @@ def run_eval(args: EvalArgs, out: TextIO | None = None) -> list[Result]:
     if not args.run and not args.init_from:
         raise UserError("pass at least one --run DIR or --init-from MODEL to evaluate")
     check_settings(args.stride, args.batch_size)
-    inputs = read_inputs(args.input)
+    inputs = read_inputs(args)
     device = resolve_device(args.device)
     models = [(run, "") for run in args.run] + [("", name) for name in args.init_from]
     results = []

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
-from smallgpt.data.sources import Source, open_source
+from smallgpt.data.sources import ReadOptions, Source
 from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, check_kind, save_tokenizer
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir, atomic_write_json, resolve_dir, sha256_file
@@ -33,7 +33,7 @@ SPLITS = ("train", "val")
 
 
 @dataclass
-class PrepareArgs:
+class PrepareArgs(ReadOptions):
     source: str | None = field(
         default=None,
         metadata={
@@ -45,17 +45,6 @@ class PrepareArgs:
     input: str | None = field(
         default=None,
         metadata={"help": "read the text from this file or folder (e.g. a copy you downloaded)"},
-    )
-    glob: str | None = field(
-        default=None,
-        metadata={
-            "help": "a folder's files to read, at any depth, e.g. '*.jsonl.gz' "
-            "(default: every file of a known type)"
-        },
-    )
-    text_field: str = field(default="text", metadata={"help": "JSON lines: the field holding a document"})
-    text_column: str = field(
-        default="text", metadata={"help": "CSV, TSV, Parquet: the column holding a document"}
     )
     tokenizer: str = field(
         default="char",
@@ -110,9 +99,7 @@ def prepare_text(args: PrepareArgs, tokenizer: Tokenizer | None = None) -> dict[
     `tokenizer`: encode with this one (a run's, for --tokenizer-from) instead of building one.
     """
     check_args(args)
-    source = open_source(
-        args.source, args.input, glob=args.glob, text_field=args.text_field, text_column=args.text_column
-    )
+    source = args.open(args.source, args.input)
     tok, counts = scan(source, args.tokenizer, tokenizer)
     print(f"length of dataset in characters: {counts.characters:,}")
     print(f"vocab size: {tok.vocab_size:,}")

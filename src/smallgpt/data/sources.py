@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from smallgpt.data.readers import (
@@ -186,6 +186,28 @@ def _story(block: str) -> str | None:
 
 
 # ---- opening a source -------------------------------------------------------------------------
+
+
+@dataclass
+class ReadOptions:
+    """How to read local files: the flags `prepare` and `eval` share."""
+
+    glob: str | None = field(
+        default=None,
+        metadata={
+            "help": "a folder's files to read, at any depth, e.g. '*.jsonl.gz' "
+            "(default: every file of a known type)"
+        },
+    )
+    text_field: str = field(default="text", metadata={"help": "JSON lines: the field holding a document"})
+    text_column: str = field(
+        default="text", metadata={"help": "CSV, TSV, Parquet: the column holding a document"}
+    )
+
+    def open(self, source: str | None, input_path: str | None = None) -> Source:
+        return open_source(
+            source, input_path, glob=self.glob, text_field=self.text_field, text_column=self.text_column
+        )
 
 
 def open_source(
