@@ -96,6 +96,20 @@ def test_score_is_the_eval_verb(text_run, tmp_path):
         m.score("")
 
 
+def test_a_hugging_face_folder_loads_and_scores_like_its_run(text_run, tmp_path, capsys):
+    assert main(["export", "--run", str(text_run), "--out", str(tmp_path / "hf")]) == 0
+    text = "MENENIUS:\nWhat work's, my countrymen, in hand?"
+    from_run = smallgpt.load(text_run, device="cpu").score(text)
+    from_folder = smallgpt.load(tmp_path / "hf", device="cpu").score(text)  # config.json: init_from
+    assert from_folder == pytest.approx(from_run, rel=1e-5)
+    capsys.readouterr()
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    eval_args = ["--init-from", str(tmp_path / "hf"), "--input", str(tmp_path / "in.txt"), "--device", "cpu"]
+    assert main(["eval", "--run", str(text_run), *eval_args]) == 0
+    run_row, folder_row = capsys.readouterr().out.splitlines()[1:3]
+    assert run_row.split()[3:] == folder_row.split()[3:]  # same figures in the table
+
+
 def test_chat_answers_messages_in_the_chat_format(chat_model):
     assert chat_model.chat([{"role": "user", "content": "吃了吗"}], temperature=0) == "吃过了"
     messages = [
