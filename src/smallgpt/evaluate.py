@@ -4,7 +4,8 @@ Each text is tokenized with each model's own tokenizer and scored with sliding w
 model's context (the Hugging Face perplexity recipe): the first window scores all its tokens, each
 later one moves `stride` tokens on and scores only its last `stride` tokens, the ones before being
 context. Every token is scored exactly once; stride = block_size gives the non-overlapping windows
-of training's evaluation, a smaller stride gives each token more context (a lower, fairer loss).
+of training's evaluation; a smaller stride gives each token more context (a lower loss for a model
+that uses its context well; an undertrained one can score worse at late positions).
 
 A document is scored after an end-of-text token, its first context: training data puts one
 between documents, so that is how a model has seen texts begin. The closing end-of-text is not
