@@ -207,17 +207,18 @@ class DecodeEngine:
             return torch.cat([self._forward([row], self.block_size) for row in rows])
         lengths = self.cache.lengths
         continuing = [row for row in rows if 0 < lengths[row[0]] < self.block_size]
+        if len(continuing) == len(rows):
+            return self._forward(rows, 1)  # the usual step: every row adds its last token
         by_slot = {}
         if continuing:
             by_slot = dict(zip([slot for slot, _ in continuing], self._forward(continuing, 1)))
-        for row in rows:
-            slot = row[0]
+        for slot, request in rows:
             if slot not in by_slot:
                 # a new row fills its slot with its last block_size ids; a full slot slides: it is
                 # refilled with the last 3/4 block, so the next refill is a quarter block away
                 keep = self.block_size if lengths[slot] == 0 else 3 * self.block_size // 4
                 lengths[slot] = 0
-                by_slot[slot] = self._forward([row], keep)[0]
+                by_slot[slot] = self._forward([(slot, request)], keep)[0]
         return torch.stack([by_slot[slot] for slot, _ in rows])
 
     def _forward(self, rows: list[tuple[int, Request]], keep: int) -> torch.Tensor:

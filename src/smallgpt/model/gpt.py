@@ -128,11 +128,14 @@ class KVCache:
 
     def select(self, rows: Iterable[int]) -> KVCache:
         """Make the next forward use these slots (input row i -> slot rows[i])."""
-        self.rows = list(rows)
-        self.write_rows = torch.tensor(self.rows, device=self.keys[0].device)[:, None]  # (B, 1)
-        contiguous = self.rows == list(range(self.rows[0], self.rows[0] + len(self.rows)))
+        rows = list(rows)
+        if rows == getattr(self, "rows", None):
+            return self  # decoding the same batch again: keep its index tensors
+        self.rows = rows
+        self.write_rows = torch.tensor(rows, device=self.keys[0].device)[:, None]  # (B, 1)
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         # a run of slots reads through a slice, a view; an index tensor would copy the cache each layer
-        self.read_rows = slice(self.rows[0], self.rows[-1] + 1) if contiguous else self.write_rows[:, 0]
+        self.read_rows = slice(rows[0], rows[-1] + 1) if contiguous else self.write_rows[:, 0]
         return self
 
     def append(self, new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -149,10 +152,11 @@ class KVCache:
         if self.end > self.block_size:
             raise ValueError(f"sequence of length {self.end} exceeds block_size {self.block_size}")
         device = self.keys[0].device
-        self.positions = torch.tensor(starts, device=device)[:, None] + torch.arange(new, device=device)
+        self.positions = torch.tensor([range(start, start + new) for start in starts], device=device)
         for row in self.rows:
             self.lengths[row] += new
-        if len(set(starts)) == 1 and (new == 1 or starts[0] == 0):
+        self.shared_start = starts[0] if len(set(starts)) == 1 else None
+        if self.shared_start is not None and (new == 1 or self.shared_start == 0):
             return self.positions, None
         visible = torch.arange(self.end, device=device) <= self.positions[:, :, None]  # (B, new, end)
         return self.positions, visible[:, None]
@@ -160,9 +164,15 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values (B, nh, T_new, hs) at the positions `append` made room for;
         return the selected slots' keys/values so far (B, nh, end, hs)."""
-        self.keys[layer][self.write_rows, :, self.positions] = k.transpose(1, 2)  # (B, T_new, nh, hs)
-        self.values[layer][self.write_rows, :, self.positions] = v.transpose(1, 2)
         rows, end = self.read_rows, self.end
+        if isinstance(rows, slice) and self.shared_start is not None:
+            # a run of slots at one position (batch 1, or a batch that started together): a plain
+            # copy into a view, cheaper than the scatter below
+            self.keys[layer][rows, :, self.shared_start : end] = k
+            self.values[layer][rows, :, self.shared_start : end] = v
+        else:
+            self.keys[layer][self.write_rows, :, self.positions] = k.transpose(1, 2)  # (B, T_new, nh, hs)
+            self.values[layer][self.write_rows, :, self.positions] = v.transpose(1, 2)
         return self.keys[layer][rows, :, :end], self.values[layer][rows, :, :end]
 
 
