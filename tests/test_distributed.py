@@ -173,6 +173,41 @@ def test_a_failing_rank_brings_the_job_down(char_data, tmp_path):
     assert time.monotonic() - start < 60
 
 
+NAN_ON_RANK_1 = """
+import sys
+import torch.distributed as dist
+from smallgpt.cli import main
+from smallgpt.model.gpt import GPT
+
+forward, calls = GPT.forward, [0]
+
+def forward_nan_loss_on_rank_1(self, *args, **kwargs):
+    # the 3rd training micro-step on rank 1 reports a NaN loss; its gradients stay finite, so the
+    # all-reduced gradients look fine on rank 0: only the shared flag can stop both ranks together
+    logits, loss = forward(self, *args, **kwargs)
+    if self.training and loss is not None:
+        calls[0] += 1
+        if dist.get_rank() == 1 and calls[0] == 3:
+            loss = loss.detach() * float("nan") + (loss - loss.detach())
+    return logits, loss
+
+GPT.forward = forward_nan_loss_on_rank_1
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(char_data, tmp_path):
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    command = [*TORCHRUN, str(script), f"--dataset={char_data}", f"--out_dir={tmp_path / 'run'}", *ARGS]
+    # each rank does one micro-step per iteration: rank 1's 3rd is iteration 2's
+    result = launch([*command, "--max_iters=50"], timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.count("error: training diverged at iteration 2: the loss") == 2, result.stderr[
+        -3000:
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

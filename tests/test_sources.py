@@ -204,6 +204,34 @@ def test_hub_download_failure_asks_for_input(tmp_path, monkeypatch):
         open_source("tinystories-instruct", cache_dir=tmp_path)
 
 
+def test_hub_download_offline_gives_up_after_one_quick_request(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def download(repo_id, filename, local_files_only=False, **kwargs):
+        calls.append(("download", local_files_only))
+        if not local_files_only:
+            raise AssertionError("the hub client retries for ~25 s offline: it must not be asked")
+        if filename.endswith("-valid.txt"):  # cached
+            return str(tmp_path / filename)
+        raise hub.errors.LocalEntryNotFoundError("not in the cache")
+
+    def probe(url, timeout=None, **kwargs):
+        calls.append(("probe", timeout))
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(hub, "hf_hub_download", download)
+    monkeypatch.setattr(hub, "get_hf_file_metadata", probe)
+    with pytest.raises(UserError, match=r"TinyStoriesV2-GPT4-train.txt .*Name or service.*--input PATH"):
+        open_source("tinystories", cache_dir=tmp_path)
+    assert calls == [("download", True), ("probe", sources.HUB_PROBE_TIMEOUT_S)]
+    calls.clear()
+    assert sources.hub_download(
+        lambda **options: download("repo", "x-valid.txt", **options), "url", UserError
+    ) == tmp_path / "x-valid.txt"
+    assert calls == [("download", True)]  # a cached file needs no network at all
+
+
 def test_pip_failure_asks_for_input(tmp_path, monkeypatch):
     def failing_pip(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found\n")

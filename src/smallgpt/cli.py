@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import math
 import os
+import signal
 import sys
 import types
 import typing
@@ -19,7 +21,18 @@ from typing import Any
 from smallgpt.errors import UserError
 
 
-def _parse_optional(kind: type) -> Callable[[str], Any]:
+def finite_float(text: str) -> float:
+    """A float flag's value: NaN and infinity are refused here, not deep inside sampling or an optimizer."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         return None if text.lower() in ("none", "null", "off") else kind(text)
 
@@ -49,8 +62,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif kind is list or typing.get_origin(kind) is list:
             options = {"action": "append"}
         else:
+            parse = finite_float if kind is float else kind
             options = {
-                "type": _parse_optional(kind) if optional else kind,
+                "type": _parse_optional(parse) if optional else parse,
                 "required": bool(meta.get("required")),
             }
         flag = f"--{f.name.replace('_', '-')}"
@@ -180,11 +194,18 @@ def _add_verb(verbs: argparse._SubParsersAction, name: str, verb: Verb) -> None:
     sub.set_defaults(_handler=handler)  # not `run`: verbs have a --run flag
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are a UserError: one line, no usage block, exit status 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smallgpt import __version__
     from smallgpt.config import keys_help
 
-    parser = argparse.ArgumentParser(prog="smallgpt", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="smallgpt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"smallgpt {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     train = verbs.add_parser(
@@ -207,18 +228,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so Python's flush at exit does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (tests capture it)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; the exit status is 0, a UserError's code (2; 3 for a diverged training), 130
+    after Ctrl-C, and 0 when the reader of our output went away (`smallgpt sample | head -1`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): output goes nowhere, as to a pipe
+        sys.stdout = open(os.devnull, "w")  # also takes descriptor 1, so no file we open lands there
     try:
         if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
             train_command(argv[1:])
         else:
             ns = build_parser().parse_args(argv)
             ns._handler(ns)
+        sys.stdout.flush()  # a closed pipe shows up here, not at exit
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return e.exit_code
+    except KeyboardInterrupt:  # quiet, as Unix tools are; training has said what it saved
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from smallgpt.errors import UserError
+from smallgpt.io import read_user_text
 from smallgpt.model.gpt import ModelConfig
 
 
@@ -66,6 +68,10 @@ class TrainConfig:
     """distributed backend under torchrun: auto | nccl | gloo"""
     parallel: str = "ddp"
     """under torchrun: ddp (a model copy per process) | fsdp (sharded, FSDP2; adamw only)"""
+    nan_policy: str = "stop"
+    """a step with a NaN/inf loss or gradient norm: stop (exit 3, checkpoints kept) | skip the step"""
+    nan_max_consecutive: int = 10
+    """nan_policy=skip: stop after this many NaN/inf steps in a row"""
 
 
 @dataclass
@@ -137,6 +143,7 @@ class Config:
             "eval_interval": t.eval_interval,
             "eval_iters": t.eval_iters,
             "log_interval": self.log.log_interval,
+            "nan_max_consecutive": t.nan_max_consecutive,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -170,6 +177,8 @@ class Config:
             raise UserError(f"config lr_decay_by must be iters or seconds, got {o.lr_decay_by!r}")
         if o.lr_decay_by == "seconds" and t.max_seconds <= 0:
             raise UserError("config lr_decay_by=seconds needs a positive max_seconds (the budget)")
+        if t.nan_policy not in ("stop", "skip"):
+            raise UserError(f"config nan_policy must be stop or skip, got {t.nan_policy!r}")
         if t.parallel not in ("ddp", "fsdp"):
             raise UserError(f"config parallel must be ddp or fsdp, got {t.parallel!r}")
         if t.parallel == "fsdp" and self.optim.optimizer != "adamw":
@@ -276,16 +285,15 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
                 raise bad from None
         raise bad
     if typ is float:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        try:
+            number = float(value)
+        except ValueError:
+            raise bad from None
+        if not math.isfinite(number):
+            raise UserError(f"config {key} in {where} must be a finite number, got {value!r}")
+        return number
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -308,9 +316,7 @@ def apply_values(config: Config, values: dict[str, Any], where: str) -> None:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Key/values of a YAML file or a nanoGPT-style Python file of assignments."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_user_text(path, "config file")
     if path.suffix == ".py":
         namespace: dict[str, Any] = {}
         try:
@@ -342,7 +348,10 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                if key.replace("-", "_") in KEYS and _is_bool_key(key.replace("-", "_")):
+                name = key.replace("-", "_")
+                if name not in KEYS:  # a typo says so, rather than asking for a value
+                    raise _unknown_key(name, "the command line")
+                if _is_bool_key(name):
                     value = "true"  # a bare boolean flag, e.g. --compile
                 else:
                     raise UserError(f"option --{key} needs a value: --{key}=VALUE")

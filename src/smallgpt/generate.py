@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 import torch
@@ -14,6 +13,7 @@ from smallgpt.data.tokenizers import Tokenizer
 from smallgpt.decode import DecodeEngine, SamplingSettings
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
+from smallgpt.io import read_user_text
 from smallgpt.runs import load_source
 
 
@@ -153,13 +153,7 @@ class Generator:
 def read_start(start: str) -> str:
     if not start.startswith("FILE:"):
         return start
-    path = Path(start[len("FILE:") :])
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"start file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise UserError(f"start file {path} is not valid UTF-8 text") from None
+    return read_user_text(start[len("FILE:") :], "start file")
 
 
 def sample(args: SampleArgs, out: TextIO | None = None) -> None:

@@ -15,7 +15,7 @@ from smallgpt.classify.model import ClassifierConfig, GPTClassifier
 from smallgpt.data.tokenizers import Tokenizer
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_write_json
+from smallgpt.io import atomic_write_json, read_user_text
 from smallgpt.model.gpt import GPT
 from smallgpt.runs import find_checkpoint, run_tokenizer
 from smallgpt.train import checkpoint
@@ -174,12 +174,9 @@ def run_predict(args: ClassifyPredictArgs) -> list[str]:
     if (args.text is None) == (args.file is None):
         raise UserError("give a text to classify or --file FILE (one text per line), not both")
     if args.file is not None:
-        path = Path(args.file)
-        if not path.is_file():
-            raise UserError(f"file {path} does not exist")
-        texts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        texts = [line.strip() for line in read_user_text(args.file).splitlines() if line.strip()]
         if not texts:
-            raise UserError(f"file {path} has no text to classify")
+            raise UserError(f"file {args.file} has no text to classify")
     elif args.text is not None and args.text.strip():
         texts = [args.text]
     else:

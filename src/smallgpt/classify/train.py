@@ -42,7 +42,7 @@ from smallgpt.classify.evaluate import (
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from smallgpt.io import atomic_write_bytes, atomic_write_json, atomic_write_text, folder_lock
 from smallgpt.runs import load_run
 from smallgpt.train.distributed import DistInfo
 from smallgpt.train.optim import adamw, decay_groups
@@ -280,8 +280,6 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
         return {**{f"val_{k}": v for k, v in metrics.items()}, "val_error": 1 - metrics["accuracy"]}
 
     run_dir = Path(args.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_run_files(args, splits, run_dir, (Path(args.init_from) / "tokenizer.json").read_bytes())
     trainer = Trainer(
         settings,
         model,
@@ -302,23 +300,25 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
         monitor="val_error",
         evaluate_fn=evaluate_val,
     )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"trainable parameters: {trainable / 1e6:.3f}M; {settings.max_iters} steps on {device}")
-    start = time.perf_counter()
-    trainer.fit()
-    seconds = time.perf_counter() - start
+    with folder_lock(run_dir):  # one writer per run folder, from here to the end
+        write_run_files(args, splits, run_dir, (Path(args.init_from) / "tokenizer.json").read_bytes())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"trainable parameters: {trainable / 1e6:.3f}M; {settings.max_iters} steps on {device}")
+        start = time.perf_counter()
+        trainer.fit()
+        seconds = time.perf_counter() - start
 
-    best, _, _, _ = load_classifier(run_dir, device)
-    final = "test" if "test" in encoded else "val"
-    metrics, confusion = evaluate_ids(
-        best, encoded[final].ids, labels[final], 2 * args.batch_size, eot, device
-    )
-    print(report(metrics, confusion, splits.names, f"{final} (ckpt/best)"))
-    result = {**metrics, "seconds": seconds, "split": final}
-    atomic_write_json(
-        run_dir / "eval.json", {**result, "labels": splits.names, "confusion": confusion.tolist()}
-    )
-    return result
+        best, _, _, _ = load_classifier(run_dir, device)
+        final = "test" if "test" in encoded else "val"
+        metrics, confusion = evaluate_ids(
+            best, encoded[final].ids, labels[final], 2 * args.batch_size, eot, device
+        )
+        print(report(metrics, confusion, splits.names, f"{final} (ckpt/best)"))
+        result = {**metrics, "seconds": seconds, "split": final}
+        atomic_write_json(
+            run_dir / "eval.json", {**result, "labels": splits.names, "confusion": confusion.tolist()}
+        )
+        return result
 
 
 # ---- ablate ----------------------------------------------------------------------------------

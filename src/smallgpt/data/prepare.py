@@ -23,7 +23,7 @@ import numpy as np
 from smallgpt.data.sources import ReadOptions, Source
 from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, check_kind, save_tokenizer
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_dir, atomic_write_json, resolve_dir, sha256_file
+from smallgpt.io import atomic_dir, atomic_write_json, check_folder_target, resolve_dir, sha256_file
 from smallgpt.progress import progress_bar
 
 META_FORMAT_VERSION = 1
@@ -91,6 +91,8 @@ def check_args(args: PrepareArgs) -> None:
     if not 0 <= args.val_fraction <= 0.5:
         raise UserError(f"--val-fraction must be between 0 and 0.5, not {args.val_fraction}")
     check_kind(args.tokenizer)
+    if args.out is not None:  # now, not after reading the whole corpus
+        check_folder_target(args.out)
 
 
 def prepare_text(args: PrepareArgs, tokenizer: Tokenizer | None = None) -> dict[str, Any]:

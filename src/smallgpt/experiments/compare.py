@@ -124,20 +124,21 @@ def compare(args: CompareArgs) -> list[dict[str, Any]]:
     axes = parse_vary(args.vary)
     common = [f"--{item}" for item in args.set]
     base_seed = load_config(args.config, common).train.seed
-    out, rows, runs = Path(args.out), [], {}
-    for variant in variants(axes):
+    out, plan, rows, runs = Path(args.out), [], [], {}
+    for variant in variants(axes):  # every config is checked before the first run starts
         name = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in variant.items()) or "base"
         for seed in range(base_seed, base_seed + args.seeds):
             run_dir = out / (name if args.seeds == 1 else f"{name}_seed{seed}")
             overrides = [*common, *(f"--{k}={v}" for k, v in variant.items())]
             config = load_config(args.config, [*overrides, f"--seed={seed}", f"--out_dir={run_dir}"])
-            print(f"== {run_dir}: {' '.join(overrides)}")
-            start = time.perf_counter()
-            train(config)
-            rows.append(
-                {"run": name, "seed": seed, **summarize(run_dir), "wall_s": time.perf_counter() - start}
-            )
-            runs[run_dir.name] = run_dir
+            config.validate()
+            plan.append((name, seed, run_dir, overrides, config))
+    for name, seed, run_dir, overrides, config in plan:
+        print(f"== {run_dir}: {' '.join(overrides)}")
+        start = time.perf_counter()
+        train(config)
+        rows.append({"run": name, "seed": seed, **summarize(run_dir), "wall_s": time.perf_counter() - start})
+        runs[run_dir.name] = run_dir
     table = rows + (seed_means(rows) if args.seeds > 1 else [])
     atomic_write_text(out / "compare.md", f"`{command_line(args)}`\n\n" + markdown(table))
     atomic_write_text(out / "compare.csv", to_csv(table, list(COLUMNS)))

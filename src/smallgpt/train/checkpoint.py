@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from smallgpt.errors import UserError
+from smallgpt.errors import TrainingDiverged, UserError
 from smallgpt.io import atomic_dir, resolve_dir
 from smallgpt.model.gpt import GPT, TIED_HEAD, ModelConfig
 from smallgpt.train.distributed import is_sharded
@@ -57,10 +58,34 @@ def write_checkpoint(
     `weights` are `model_weights(model)`, or `full_training_state`'s gathered under FSDP. `tags`
     (e.g. the tokenizer fingerprint) go into the safetensors header, readable without the state.
     """
+    bad = non_finite(weights)
+    if bad is not None:
+        raise TrainingDiverged(f"not writing {ckpt_dir}: weight {bad} holds NaN or inf (training diverged)")
     metadata = {"format": "pt", "model_config": json.dumps(vars(model_config)), **(tags or {})}
-    with atomic_dir(ckpt_dir) as tmp:
-        save_file(weights, tmp / WEIGHTS, metadata)
-        torch.save(state, tmp / STATE)
+    try:
+        with atomic_dir(ckpt_dir) as tmp:
+            # written through Python files, so a full disk surfaces as the OSError it is
+            (tmp / WEIGHTS).write_bytes(safetensors.torch.save(weights, metadata))
+            with open(tmp / STATE, "wb") as f:
+                _save_state(state, f)
+    except OSError as e:
+        raise UserError(
+            f"cannot write checkpoint {ckpt_dir}: {e.strerror or e}; the previous one is kept"
+        ) from None
+
+
+def _save_state(state: dict[str, Any], file: BinaryIO) -> None:
+    try:
+        torch.save(state, file)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):  # torch's zip writer wraps the failed write
+            raise e.__context__ from None
+        raise
+
+
+def non_finite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first tensor holding NaN or inf, or None."""
+    return next((k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()), None)
 
 
 def full_training_state(
@@ -136,9 +161,13 @@ def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
 def read_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     path = _checkpoint_dir(ckpt_dir) / WEIGHTS
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"checkpoint {path} is truncated or corrupted ({e})") from None
+    bad = non_finite(weights)
+    if bad is not None:
+        raise UserError(f"checkpoint {path} holds NaN or inf in {bad}: it comes from a diverged run")
+    return weights
 
 
 def load_weights(ckpt_dir: str | Path, model: nn.Module) -> None:

@@ -8,6 +8,7 @@ last micro-batch (SophiaG estimates its Hessian there), and `log_metrics()`, ext
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -235,9 +236,14 @@ OPTIMIZERS: dict[str, Callable[[nn.Module, OptimConfig, str], Any]] = {
 }
 
 
+def check_optimizer(name: str) -> None:
+    """UserError for an optimizer name we do not have, suggesting the closest one."""
+    if name not in OPTIMIZERS:
+        close = difflib.get_close_matches(name, OPTIMIZERS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(f"unknown optimizer {name!r}{hint} (choose one of {', '.join(sorted(OPTIMIZERS))})")
+
+
 def build_optimizer(model: nn.Module, optim: OptimConfig, device_type: str) -> torch.optim.Optimizer:
-    if optim.optimizer not in OPTIMIZERS:
-        raise UserError(
-            f"unknown optimizer {optim.optimizer!r}; choose one of {', '.join(sorted(OPTIMIZERS))}"
-        )
+    check_optimizer(optim.optimizer)
     return OPTIMIZERS[optim.optimizer](model, optim, device_type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,12 +13,12 @@ from smallgpt.data.loader import BatchSampler, open_dataset, open_mask, open_spl
 from smallgpt.data.nanogpt import is_nanogpt_folder
 from smallgpt.data.tokenizers import Tokenizer, save_tokenizer
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_write_json, resolve_dir
+from smallgpt.io import atomic_write_json, folder_lock, resolve_dir
 from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.train import checkpoint
 from smallgpt.train.distributed import DistInfo, init_distributed, shutdown_distributed
-from smallgpt.train.logging import WandbRun
-from smallgpt.train.optim import build_optimizer
+from smallgpt.train.logging import WandbRun, check_backends
+from smallgpt.train.optim import build_optimizer, check_optimizer
 from smallgpt.train.schedule import LRSchedule
 from smallgpt.train.trainer import LoopSettings, Trainer
 
@@ -89,6 +90,8 @@ def loop_settings(config: Config) -> LoopSettings:
         progress=log.progress,
         tensorboard=log.tensorboard,
         wandb_run=wandb_run,
+        nan_policy=t.nan_policy,
+        nan_max_consecutive=t.nan_max_consecutive,
     )
 
 
@@ -146,17 +149,22 @@ def pretrained_model(config: Config, tokenizer: Tokenizer, data_dir: Path) -> GP
 def train(config: Config) -> dict[str, float]:
     """Train per `config`; returns the final evaluation metrics."""
     config.validate()
+    check_optimizer(config.optim.optimizer)  # the checks that need no data: before loading it
+    check_backends(config.log.tensorboard, config.log.wandb_log)
     info = init_distributed(config.train.device, config.train.backend)
     finished = False
     try:
-        metrics = _train(config, info)
+        with contextlib.ExitStack() as held:
+            metrics = _train(config, info, held)
         finished = True
         return metrics
     finally:
         shutdown_distributed(info, finished)
 
 
-def _train(config: Config, info: DistInfo) -> dict[str, float]:
+def _train(config: Config, info: DistInfo, held: contextlib.ExitStack) -> dict[str, float]:
+    """Everything that can fail on the user's input fails before the run folder is written to;
+    then rank 0 locks it (`held` releases the lock when training ends) and writes."""
     data_dir = resolve_dataset(config.data.dataset)
     meta, tokenizer = open_dataset(data_dir)
     run_dir = Path(config.train.out_dir)
@@ -186,7 +194,7 @@ def _train(config: Config, info: DistInfo) -> dict[str, float]:
     if ckpt is not None:
         trainer.resume(ckpt)
     if info.is_main and not config.train.eval_only:  # evaluating a run leaves its folder as it was
-        run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(folder_lock(run_dir))  # one writer per run folder
         save_config(config, run_dir / "config.yaml")
         save_tokenizer(tokenizer, run_dir / "tokenizer.json")
         atomic_write_json(run_dir / "data_meta.json", meta)

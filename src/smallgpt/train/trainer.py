@@ -1,15 +1,21 @@
 """The training loop, shared by pretraining, chat and classifier fine-tuning.
 
 Step order, as in nanoGPT: set lr -> (eval, checkpoint) -> micro-steps (gradient sync only on the
-last) -> clip -> optimizer step -> zero grads -> log. Everything that decides which batch comes next
-(iteration, sampler and RNG states) goes into the checkpoint, so `init_from=resume` continues a run
-exactly as if it had never stopped.
+last) -> clip -> finiteness check -> optimizer step -> zero grads -> log. Everything that decides which
+batch comes next (iteration, sampler and RNG states) goes into the checkpoint, so `init_from=resume`
+continues a run exactly as if it had never stopped, also after a kill -9 at any moment.
+
+A step whose loss or gradient norm is NaN or inf never reaches the optimizer (`nan_policy`), and
+Ctrl-C stops between steps, after writing ckpt/last.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +27,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from smallgpt.data.loader import Batch
-from smallgpt.errors import UserError
+from smallgpt.errors import TrainingDiverged, UserError
 from smallgpt.model.gpt import ModelConfig
 from smallgpt.progress import progress_bar
 from smallgpt.train import checkpoint, distributed
 from smallgpt.train.distributed import DistInfo
-from smallgpt.train.logging import MetricsLogger, WandbRun
+from smallgpt.train.logging import MetricsLogger, WandbRun, drop_records_after
 from smallgpt.train.schedule import LRSchedule, lr_at
 
 # dense bf16 peak FLOP/s of GPUs we can name (NVIDIA datasheets); MFU is reported only for these.
@@ -85,6 +91,8 @@ class LoopSettings:
     tensorboard: bool = False
     wandb_run: WandbRun | None = None
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    nan_policy: str = "stop"  # a non-finite loss or gradient norm: stop the run | skip the step
+    nan_max_consecutive: int = 10  # skip: stop after this many non-finite steps in a row
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -100,6 +108,29 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+class InterruptFlag:
+    """Between `catch()` and `release()`, Ctrl-C (SIGINT) only sets `pressed`, which the loop reads
+    between steps: a step cut in half could not be saved. A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def catch(self) -> None:
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._press)
+
+    def _press(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        self.release()
+
+    def release(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 @dataclass
@@ -132,6 +163,7 @@ class Trainer:
     tokens_seen: int = 0
     train_seconds: float = 0.0
     stale_evals: int = 0  # evaluations since the monitored metric last improved
+    nonfinite_streak: int = 0  # non-finite steps in a row (nan_policy=skip)
 
     def __post_init__(self) -> None:
         t = self.settings
@@ -158,6 +190,8 @@ class Trainer:
         self.wrapped = distributed.wrap_model(self.model, self.optimizer, self.dist, t.parallel, t.compile)
         self.peak_flops = peak_flops(self.device)
         self.resumed = False
+        self.evaluated_at_resume = False  # the checkpoint was written right after an evaluation
+        self.interrupt = InterruptFlag()
 
     # ---- state -------------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:
@@ -174,7 +208,7 @@ class Trainer:
         dist.all_gather_object(gathered, value)
         return gathered
 
-    def save(self, name: str) -> None:
+    def save(self, name: str, evaluated: bool = True) -> None:
         rng = self._all_ranks(self._rng_state())  # every rank's RNG, so all of them resume exactly
         main = self.dist.is_main
         weights, optimizer_state = checkpoint.full_training_state(self.model, self.optimizer, main)
@@ -189,6 +223,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng,
             "parallel": self.settings.parallel,
+            "evaluated": evaluated,
+            "nonfinite_streak": self.nonfinite_streak,
             **self.checkpoint_info,
         }
         tags = {k: v for k, v in self.checkpoint_info.items() if isinstance(v, str)}
@@ -210,6 +246,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.iter_num, self.best_metric = state["iter_num"], state["best_metric"]
         self.tokens_seen, self.train_seconds = state["tokens_seen"], state["train_seconds"]
+        self.evaluated_at_resume = state.get("evaluated", True)
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
         rng = state["rng"][self.dist.rank]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and self.device.type == "cuda":
@@ -247,9 +285,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def train_step(self) -> tuple[torch.Tensor, int]:
-        """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss
-        and the tokens this process trained on."""
+    def train_step(self) -> tuple[torch.Tensor, int, bool]:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the mean loss,
+        the tokens this process trained on, and whether the step was taken (all of it finite)."""
         steps, tokens = self.accum_steps, 0
         total = torch.zeros((), device=self.device)
         for micro in range(steps):
@@ -261,17 +299,66 @@ class Trainer:
                 loss = self.loss_fn(self.wrapped, batch) / steps
             self.scaler.scale(loss).backward()
             total += loss.detach()
-        if self.settings.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        finite = torch.isfinite(total)
+        grad_norm = self.clip_gradients()
+        if grad_norm is not None:
+            finite &= torch.isfinite(grad_norm)
+        step_ok = self.agree(finite)
+        if step_ok:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         after_step = getattr(self.optimizer, "after_step", None)  # e.g. SophiaG's Hessian estimate
-        if after_step is not None:
+        if after_step is not None and step_ok:
             scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
             after_step(self.iter_num + 1, self.wrapped, batch, self.autocast, scale)
-        return total, tokens
+        return total, tokens, step_ok
+
+    def clip_gradients(self) -> torch.Tensor | None:
+        """Clip the gradient norm to grad_clip and return it (computed also without clipping: the
+        finiteness check reads it). None under fp16, whose scaler skips inf gradients itself."""
+        fp16 = self.scaler.is_enabled()
+        if fp16 and self.settings.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+        if fp16 and self.settings.grad_clip == 0:
+            return None
+        max_norm = self.settings.grad_clip or math.inf  # inf: grads are multiplied by exactly 1
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return None if fp16 else norm
+
+    def agree(self, finite: torch.Tensor) -> bool:
+        """Whether every rank's step is finite; also shares a Ctrl-C seen by any rank, so all ranks
+        stop at the same step. One all_reduce and this step's one wait for the GPU."""
+        flags = torch.stack([~finite, torch.tensor(self.interrupt.pressed, device=self.device)]).float()
+        if self.dist.ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, pressed = flags.tolist()
+        self.interrupt.pressed = bool(pressed)
+        return not bad
+
+    def count_non_finite(self, step_ok: bool, log: Callable[[str], None]) -> None:
+        """nan_policy: stop at a non-finite step, or skip it and stop after nan_max_consecutive in a row."""
+        if step_ok:
+            self.nonfinite_streak = 0
+            return
+        t = self.settings
+        self.nonfinite_streak += 1
+        if t.nan_policy == "stop" or self.nonfinite_streak >= t.nan_max_consecutive:
+            in_a_row = f", {self.nonfinite_streak} steps in a row" if t.nan_policy == "skip" else ""
+            reason = f"the loss or gradient norm is NaN or inf (nan_policy={t.nan_policy}{in_a_row})"
+            raise self.diverged(reason)
+        log(
+            f"iter {self.iter_num}: the loss or gradient norm is NaN or inf; step skipped "
+            f"({self.nonfinite_streak} in a row, the run stops at {t.nan_max_consecutive})"
+        )
+
+    def diverged(self, reason: str) -> TrainingDiverged:
+        ckpt = self.run_dir / "ckpt"
+        kept = f"{ckpt} keeps the checkpoints from before it" if ckpt.is_dir() else "no checkpoint written"
+        return TrainingDiverged(
+            f"training diverged at iteration {self.iter_num}: {reason}; {kept}; "
+            "try a lower learning_rate or a grad_clip"
+        )
 
     def _time_used(self) -> float | None:
         """The fraction of max_seconds trained so far, when the lr schedule runs on time."""
@@ -290,6 +377,7 @@ class Trainer:
     ) -> dict:
         """Evaluate, log, and write ckpt/best on improvement and ckpt/last; returns the metrics."""
         metrics = self.evaluate()
+        non_finite = [k for k, v in metrics.items() if not math.isfinite(v)]
         improved = metrics.get(self.monitor, math.inf) < self.best_metric
         if improved:
             self.best_metric = metrics[self.monitor]
@@ -298,6 +386,8 @@ class Trainer:
         log(f"step {self.iter_num}: {line}")
         if logger is not None:
             logger.log("eval", iter=self.iter_num, tokens=self.tokens_seen, **metrics)
+        if non_finite:  # the weights themselves are broken: keep the checkpoints from before
+            raise self.diverged(f"{non_finite[0]} is {metrics[non_finite[0]]}")
         if save and self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
             if improved:
                 self.save("best")
@@ -308,8 +398,12 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         """Train until max_iters (or max_seconds); returns the last evaluation's metrics."""
         t, main = self.settings, self.dist.is_main
+        # a resumed run was evaluated at its first step before it stopped, unless it is done
+        skip_first_eval = self.resumed and self.evaluated_at_resume and not self._done()
         logger = None
         if main and not t.eval_only:  # eval_only prints its metrics; the run's metrics.jsonl stays as it was
+            if self.resumed:
+                drop_records_after(self.run_dir / "metrics.jsonl", self.iter_num, skip_first_eval)
             logger = MetricsLogger(self.run_dir, self.resumed, t.tensorboard, t.wandb_run)
         bar = progress_bar(main and t.progress, total=t.max_iters, initial=self.iter_num, unit="it")
         log = bar.write if main else (lambda _line: None)
@@ -319,18 +413,19 @@ class Trainer:
         try:
             if t.eval_only:
                 return self._eval_and_save(logger, log, save=False)
+            self.interrupt.catch()
             while True:
                 self.set_lr(lr_at(self.iter_num, t.schedule, self._time_used()))
                 at_eval = self.iter_num % t.eval_interval == 0 or self._done()
-                # a resumed run was evaluated at this very step before it stopped, unless it is done
-                if at_eval and not (first and self.resumed and not self._done()):
+                if at_eval and not (first and skip_first_eval):
                     metrics = self._eval_and_save(logger, log)
                     window = Window()  # eval time is not training
                 if self._done():
                     break
                 first = False
                 step_start = time.perf_counter()
-                loss, tokens = self.train_step()
+                loss, tokens, step_ok = self.train_step()
+                self.count_non_finite(step_ok, log)
                 self.train_seconds += time.perf_counter() - step_start
                 if t.max_seconds > 0:  # every rank must stop at the same iteration
                     self.train_seconds = distributed.rank0_value(self.train_seconds, self.dist)
@@ -344,11 +439,26 @@ class Trainer:
                     loss_value = distributed.mean_over_ranks(loss, self.dist).item()
                     self._log_step(logger, log, loss_value, window)
                     window = Window()
+                if self.interrupt.pressed:
+                    self.save_and_stop(bar)
         finally:
+            self.interrupt.release()
             bar.close()
             if logger is not None:
                 logger.close()
         return metrics
+
+    def save_and_stop(self, bar: Any) -> None:
+        """After Ctrl-C: write ckpt/last at this step boundary and stop (KeyboardInterrupt)."""
+        self.save("last", evaluated=False)
+        bar.close()
+        if self.dist.is_main:
+            print(
+                f"interrupted at iteration {self.iter_num}: saved {self.run_dir / 'ckpt' / 'last'}; "
+                "continue with --init_from=resume",
+                file=sys.stderr,
+            )
+        raise KeyboardInterrupt
 
     def _log_step(
         self, logger: MetricsLogger | None, log: Callable[[str], None], loss: float, window: Window
