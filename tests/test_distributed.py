@@ -106,6 +106,7 @@ def test_only_rank_zero_writes_and_logs(two_processes):
     assert [e["iter"] for e in events(run_dir, "train")] == list(range(6))  # no line twice
     assert [e["iter"] for e in events(run_dir, "eval")] == [0, 3, 6]
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",  # rank 0's run-folder lock
         "ckpt",
         "config.yaml",
         "data_meta.json",

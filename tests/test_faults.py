@@ -3,13 +3,17 @@ disk, a second writer, a missing logging backend. Each leaves the run folder usa
 
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
 import signal
-import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import pytest
@@ -17,10 +21,12 @@ import torch
 from safetensors.torch import load_file
 
 from smallgpt.cli import main
+from smallgpt.io import folder_lock
 from smallgpt.model.gpt import GPT
 from smallgpt.train import checkpoint
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+# runs that must be killed are forked from this process: no interpreter start, no torch import
+FORK = multiprocessing.get_context("fork")
 # a tiny model that evaluates and writes ckpt/best + ckpt/last at every step, so kills land in
 # every part of the loop, checkpoint writes included; dropout makes the RNG state matter
 ARGS = [
@@ -44,13 +50,28 @@ TIMING = {"time", "ms_per_iter", "tokens_per_sec", "mfu"}  # differ between any 
 KILLS = 10
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def _main_in_child(argv: list[str], stderr: Path | None, setup: Callable[[], object] | None) -> None:
+    with open(os.devnull, "w") as out, open(stderr or os.devnull, "w") as err:
+        sys.stdout, sys.stderr = out, err
+        if setup is not None:
+            setup()
+        code = main(argv)
+    os._exit(code)
 
 
-def train_process(data: Path, run: Path, *extra: str, **popen) -> subprocess.Popen:
-    command = [sys.executable, "-m", "smallgpt", "train", f"--dataset={data}", f"--out_dir={run}"]
-    return subprocess.Popen([*command, *ARGS, *extra], env=env(), text=True, **popen)
+def start_training(
+    data: Path, run: Path, *extra: str, stderr: Path | None = None, setup: Callable[[], object] | None = None
+) -> BaseProcess:
+    """`smallgpt train` in a forked process; its stderr goes to the file `stderr`, `setup` runs first."""
+    argv = ["train", f"--dataset={data}", f"--out_dir={run}", *ARGS, *extra]
+    process = FORK.Process(target=_main_in_child, args=(argv, stderr, setup))
+    process.start()
+    return process
+
+
+def finish(process: BaseProcess) -> int | None:
+    process.join(timeout=120)
+    return process.exitcode
 
 
 def records(run: Path) -> list[dict]:
@@ -90,53 +111,41 @@ def uninterrupted(char_data, tmp_path_factory):
 
 def test_kill_9_at_random_moments_then_resume_ends_bit_identical(char_data, uninterrupted, tmp_path):
     run, rng, kills = tmp_path / "run", random.Random(15), []
-    while True:
-        resume = has_checkpoint(run)
-        proc = train_process(
-            char_data, run, f"--init_from={'resume' if resume else 'scratch'}", stdout=subprocess.PIPE
-        )
-        if len(kills) == KILLS:
-            out, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, f"the last run failed; kills (s after start): {kills}"
-            break
-        assert proc.stdout is not None
-        while not proc.stdout.readline().startswith("number of parameters"):  # the model is built
-            assert proc.poll() is None, f"a run failed before training; kills: {kills}"
-        delay = rng.uniform(0.0, 0.3)
+    for _ in range(KILLS):
+        init = "resume" if has_checkpoint(run) else "scratch"
+        process = start_training(char_data, run, f"--init_from={init}")
+        delay = rng.uniform(0.0, 0.4)  # loading, evaluating, stepping, checkpointing: anywhere
         time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        kills.append(round(delay, 3))
-        proc.stdout.close()
+        process.kill()
+        process.join()
+        kills.append((round(delay, 3), init, process.exitcode))
+    assert main(["train", f"--dataset={char_data}", f"--out_dir={run}", *ARGS, "--init_from=resume"]) == 0
     try:
+        assert sum(code == -signal.SIGKILL for _, _, code in kills) >= KILLS - 1  # not ended before it
         assert records(run) == records(uninterrupted)
         assert_same_checkpoints(run, uninterrupted)
         assert not list(run.rglob(".*.tmp")), "the last run removes what killed writes left"
     except AssertionError as e:
-        raise AssertionError(f"{e}\nSIGKILL this long after training started, in order: {kills}") from None
-
-
-def default_sigint() -> None:
-    """Ctrl-C's default action in the child, even where the tests run with SIGINT ignored (a
-    background job): Python then turns SIGINT into KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+        raise AssertionError(
+            f"{e}\n(seconds after start, init_from, exit code) of each kill: {kills}"
+        ) from None
 
 
 def test_ctrl_c_saves_ckpt_last_and_the_resumed_run_ends_bit_identical(char_data, uninterrupted, tmp_path):
-    run = tmp_path / "run"
-    proc = train_process(
-        char_data, run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint
-    )
-    assert proc.stdout is not None
-    while not proc.stdout.readline().startswith("iter 5:"):
-        assert proc.poll() is None
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("interrupted at iteration"), err
+    run, stderr, metrics = tmp_path / "run", tmp_path / "stderr.txt", tmp_path / "run" / "metrics.jsonl"
+    # Python's Ctrl-C handler, also where the tests run with SIGINT ignored (a background job)
+    python_sigint = partial(signal.signal, signal.SIGINT, signal.default_int_handler)
+    process = start_training(char_data, run, stderr=stderr, setup=python_sigint)
+    deadline = time.monotonic() + 60
+    while not metrics.is_file() or '"iter": 5,' not in metrics.read_text():
+        assert time.monotonic() < deadline and process.is_alive()
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGINT)
+    assert finish(process) == 130
     saved = checkpoint.load_state(run / "ckpt" / "last")
-    assert lines[0].startswith(f"interrupted at iteration {saved['iter_num']}: saved {run / 'ckpt' / 'last'}")
+    said = f"interrupted at iteration {saved['iter_num']}: saved {run / 'ckpt' / 'last'}; continue with"
+    lines = stderr.read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(said), lines
     assert not saved["evaluated"]  # between two steps, not right after an evaluation
     assert main(["train", f"--dataset={char_data}", f"--out_dir={run}", "--init_from=resume", *ARGS]) == 0
     assert records(run) == records(uninterrupted)
@@ -227,12 +236,11 @@ def test_nan_skip_stops_after_too_many_bad_steps_in_a_row(char_data, tmp_path, c
 
 # ---- the run folder: one writer, full disk, missing backends -----------------------------------------
 
-HOLD_LOCK = """import sys, time
-from smallgpt.io import folder_lock
-with folder_lock(sys.argv[1]):
-    print("locked", flush=True)
-    time.sleep(120)
-"""
+
+def hold_lock(folder: Path, locked: Event) -> None:
+    with folder_lock(folder):
+        locked.set()
+        time.sleep(120)
 
 
 def tree(root: Path) -> dict[str, tuple[int, bytes]]:
@@ -240,12 +248,11 @@ def tree(root: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def test_a_second_writer_is_refused_until_the_first_dies(char_data, tmp_path, capsys):
-    run = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(run)], env=env(), stdout=subprocess.PIPE, text=True
-    )
+    run, locked = tmp_path / "run", FORK.Event()
+    holder = FORK.Process(target=hold_lock, args=(run, locked))
+    holder.start()
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert locked.wait(timeout=60)
         before = tree(run)
         args = ["train", f"--dataset={char_data}", f"--out_dir={run}", *ARGS, "--max_iters=2"]
         assert main(args) == 2
@@ -254,32 +261,27 @@ def test_a_second_writer_is_refused_until_the_first_dies(char_data, tmp_path, ca
         assert tree(run) == before  # nothing written: not config.yaml, not the lock file
     finally:
         holder.kill()  # kill -9: the kernel releases the lock
-        holder.wait()
+        holder.join()
     assert main(args) == 0
 
 
-def limit_file_size(limit: int):
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
+def limit_file_size(limit: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(char_data, tmp_path):
-    run = tmp_path / "run"
-    common = [f"--dataset={char_data}", f"--out_dir={run}", *ARGS]
-    assert main(["train", *common, "--max_iters=2"]) == 0
+    run, stderr = tmp_path / "run", tmp_path / "stderr.txt"
+    assert main(["train", f"--dataset={char_data}", f"--out_dir={run}", *ARGS, "--max_iters=2"]) == 0
     before = tree(run / "ckpt")
     weights = (run / "ckpt" / "last" / "model.safetensors").stat().st_size
-    command = [sys.executable, "-m", "smallgpt", "train", *common, "--init_from=resume", "--max_iters=4"]
-    # room for the logs and config, not for the weights
-    result = subprocess.run(
-        command, env=env(), capture_output=True, text=True, preexec_fn=limit_file_size(weights // 2)
+    limit = partial(limit_file_size, weights // 2)  # room for the logs and config, not for the weights
+    process = start_training(
+        char_data, run, "--init_from=resume", "--max_iters=4", stderr=stderr, setup=limit
     )
-    assert result.returncode == 2, result.stderr
-    err = result.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: cannot write checkpoint"), result.stderr
+    assert finish(process) == 2
+    err = stderr.read_text().strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write checkpoint"), err
     assert "File too large" in err[0] and "the previous one is kept" in err[0]
     assert tree(run / "ckpt") == before  # no temp folder left either
     checkpoint.load_model(run / "ckpt" / "last")

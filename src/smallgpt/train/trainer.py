@@ -324,6 +324,8 @@ class Trainer:
             return None
         max_norm = self.settings.grad_clip or math.inf  # inf: grads are multiplied by exactly 1
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, replicated; a plain tensor for the check
+            norm = norm.full_tensor()
         return None if fp16 else norm
 
     def agree(self, finite: torch.Tensor) -> bool:
