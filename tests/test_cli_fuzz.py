@@ -4,6 +4,7 @@ no traceback, and nothing created or changed anywhere on disk. A closed stdout i
 To cover a new verb, add its rows to BAD_INPUTS (a test fails until every verb has some).
 """
 
+import gzip
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("empty file", ["prepare", "--input", "{empty_txt}", "--out", "{new}"], "is empty"),
         ("whitespace only", ["prepare", "--input", "{blank_txt}", "--out", "{new}"], "no text"),
         ("not UTF-8", ["prepare", "--input", "{latin1_txt}", "--out", "{new}"], "not valid UTF-8"),
-        ("empty folder", ["prepare", "--input", "{empty_dir}", "--out", "{new}"], "no .txt files"),
+        ("empty folder", ["prepare", "--input", "{empty_dir}", "--out", "{new}"], "is empty"),
         ("unknown source", ["prepare", "tinyshakespear"], "did you mean tinyshakespeare"),
         ("unknown tokenizer", ["prepare", "--input", "{good_txt}", "--tokenizer", "chr"], "char"),
         ("bad bpe size", ["prepare", "--input", "{good_txt}", "--tokenizer", "bpe:many"], "bpe"),
@@ -61,6 +62,10 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("chat not JSON", ["prepare", "--input", "{broken_jsonl}", "--out", "{new}"], "broken.jsonl"),
         ("chat empty", ["prepare", "--input", "{empty_jsonl}", "--out", "{new}"], "empty"),
         ("chat block size", ["prepare", "--input", "{chat_jsonl}", "--block-size", "0"], "block"),
+        ("record without text", ["prepare", "--input", "{no_text_jsonl}", "--out", "{new}"], "text"),
+        ("blank records", ["prepare", "--input", "{blank_jsonl}", "--out", "{new}"], "no text"),
+        ("truncated gzip", ["prepare", "--input", "{cut_txt_gz}", "--out", "{new}"], "cut_txt.gz"),
+        ("tokenizer-from nothing", ["prepare", "{good_txt}", "--tokenizer-from", "{missing}"], "exist"),
     ],
     "train": [
         ("missing config", ["train", "{missing}"], "does not exist"),
@@ -260,6 +265,9 @@ def world(tmp_path_factory, char_data) -> dict[str, Path]:
         )
         + "\n",
     )
+    text("no_text.jsonl", '{"body": "a document"}\n')
+    text("blank.jsonl", '{"text": "  "}\n{"text": "\\n"}\n')
+    text("cut_txt.gz", gzip.compress(b"a document, cut short\n" * 50)[:-20])
     text("typo.yaml", "n_layr: 2\n")
     text("broken.yaml", "n_layer: [1,\n")
     text("latin1.yaml", b"dataset: caf\xe9\n")
