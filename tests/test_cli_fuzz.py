@@ -39,6 +39,7 @@ RUN = ["sample", "--run", "{run}", *SAMPLE]  # a valid sample command to spoil
 CLASSIFY = ["--init-from", "{run}", "--out-dir", "{new}", "--data"]
 CLS_TRAIN, CLS_EVAL = ["classify", "train", *CLASSIFY], ["classify", "eval", "--run", "{cls_run}", "--data"]
 PREDICT = ["classify", "predict", "--run", "{cls_run}"]
+EVAL = ["eval", "--run", "{run}", "--input"]
 COMPARE = ["compare", "--out", "{new}", "{compare_yaml}"]
 
 # verb -> (case, arguments, a fragment of the error line). {name} is a path of the `world` fixture;
@@ -172,6 +173,16 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("unknown format", ["export", "--run", "{run}", "--out", "{new}", "--format", "onnx"], "hf"),
         ("out is a file", ["export", "--run", "{run}", "--out", "{good_txt}"], "not a folder"),
         ("no out", ["export", "--run", "{run}"], "--out"),
+    ],
+    "eval": [
+        ("missing run", ["eval", "--run", "{missing}", "--input", "{good_txt}"], "does not exist"),
+        ("NaN checkpoint", ["eval", "--run", "{nan_run}", "--input", "{good_txt}"], "NaN or inf"),
+        ("missing input", [*EVAL, "{missing}"], "does not exist"),
+        ("input not UTF-8", [*EVAL, "{latin1_txt}"], "UTF-8"),
+        ("input whitespace", [*EVAL, "{blank_txt}"], "no text"),
+        ("stride", [*EVAL, "{good_txt}", "--stride", "0"], "stride"),
+        ("json is a folder", [*EVAL, "{good_txt}", "--json", "{empty_dir}"], "dir"),
+        ("nothing to score", ["eval", "--input", "{good_txt}"], "--run"),
     ],
     "plot": [
         ("missing run", ["plot", "{missing}", "--out", "{new}"], "does not exist"),
