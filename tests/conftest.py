@@ -2,6 +2,7 @@
 run folders holding a random tiny GPT."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,109 @@ def hash_files(folder: Path) -> dict[str, str]:
 @pytest.fixture
 def folder_hashes():
     return hash_files
+
+
+TINY_TRAINING = [
+    "--n_layer=2",
+    "--n_head=2",
+    "--n_embd=32",
+    "--batch_size=4",
+    "--eval_iters=2",
+    "--learning_rate=3e-3",
+    "--warmup_iters=0",
+    "--progress=false",
+    "--device=cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory, char_data) -> Path:
+    """A tiny char model trained for a few iterations on tiny shakespeare, through the CLI."""
+    from smallgpt.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "shakespeare"
+    args = [f"--dataset={char_data}", f"--out_dir={run}", "--block_size=256", "--max_iters=40"]
+    assert main(["train", *args, "--eval_interval=20", *TINY_TRAINING]) == 0
+    return run
+
+
+@pytest.fixture(scope="session")
+def lccc_chat_run(tmp_path_factory, shared_data) -> Path:
+    """A tiny char model trained for a few iterations on LCCC dialogues in the chat format."""
+    from smallgpt.cli import main
+
+    root = tmp_path_factory.mktemp("chat_runs")
+    dialogues = shared_data / "chitchat_lccc" / "toy_valid.txt"
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                str(dialogues),
+                "--format",
+                "chat",
+                "--block-size",
+                "64",
+                "--out",
+                str(root / "data"),
+            ]
+        )
+        == 0
+    )
+    run = root / "lccc"
+    args = [f"--dataset={root / 'data'}", f"--out_dir={run}", "--block_size=64", "--max_iters=60"]
+    faster = ["--batch_size=8", "--learning_rate=1e-2"]  # enough for greedy replies that are not empty
+    assert main(["train", *args, "--eval_interval=30", "--loss_on=bot", *TINY_TRAINING, *faster]) == 0
+    return run
+
+
+class ServerProcess:
+    """`smallgpt serve` in a child process on a free port of 127.0.0.1; stopped by `close()`."""
+
+    def __init__(self, log: Path, *args: str):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:  # a free port (the race with other processes is harmless here)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log = log
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+        command = [sys.executable, "-m", "smallgpt", "serve", "--port", str(port), "--device", "cpu", *args]
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.wait_until_up()
+
+    def wait_until_up(self, timeout: float = 120) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"smallgpt serve exited:\n{self.log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.close()
+        raise AssertionError(f"smallgpt serve did not answer in {timeout} s:\n{self.log.read_text()}")
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, lm_run, lccc_chat_run):
+    """One server for the serve tests: the shakespeare run and the LCCC chat run, batches of 8."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process = ServerProcess(log, "--run", str(lm_run), "--run", str(lccc_chat_run), "--max-batch", "8")
+    yield process
+    process.close()
+    assert "Traceback" not in process.output(), process.output()  # no request ever hit a bug

@@ -8,23 +8,13 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from conftest import TINY_TRAINING
 
 from smallgpt.cli import build_parser, main
 from smallgpt.config import Config, field_docs
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-TINY = [
-    "--block_size=32",
-    "--n_layer=2",
-    "--n_head=2",
-    "--n_embd=32",
-    "--batch_size=4",
-    "--eval_iters=2",
-    "--learning_rate=3e-3",
-    "--warmup_iters=0",
-    "--progress=false",
-    "--device=cpu",
-]
+TINY = ["--block_size=32", *TINY_TRAINING]
 
 
 def smallgpt(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -174,6 +174,18 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("out is a file", ["export", "--run", "{run}", "--out", "{good_txt}"], "not a folder"),
         ("no out", ["export", "--run", "{run}"], "--out"),
     ],
+    "serve": [
+        ("no run", ["serve", "--device", "cpu"], "at least one --run"),
+        ("missing run", ["serve", "--run", "{missing}"], "does not exist"),
+        ("no checkpoint", ["serve", "--run", "{empty_run}"], "no checkpoint"),
+        ("garbage checkpoint", ["serve", "--run", "{garbage_run}"], "corrupted"),
+        ("other tokenizer", ["serve", "--run", "{mismatch_run}"], "not the tokenizer"),
+        ("two runs, one name", ["serve", "--run", "{run}", "--run", "{run}"], "two models would be named"),
+        ("port", ["serve", "--run", "{run}", "--port", "70000"], "port must be"),
+        ("max batch", ["serve", "--run", "{run}", "--max-batch", "0"], "max-batch"),
+        ("which checkpoint", ["serve", "--run", "{run}", "--checkpoint", "worst"], "best or last"),
+        ("device", ["serve", "--run", "{run}", "--device", "tpu"], "unknown device"),
+    ],
     "eval": [
         ("missing run", ["eval", "--run", "{missing}", "--input", "{good_txt}"], "does not exist"),
         ("NaN checkpoint", ["eval", "--run", "{nan_run}", "--input", "{good_txt}"], "NaN or inf"),

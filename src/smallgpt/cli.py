@@ -110,6 +110,12 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "run_eval",
         "score texts with runs or GPT-2: loss, perplexity, bits per byte (one table)",
     ),
+    "serve": Verb(
+        "smallgpt.serve",
+        "ServeArgs",
+        "serve",
+        "serve runs over an OpenAI-compatible HTTP API and a web page (pip install 'smallgpt[serve]')",
+    ),
     "plot": Verb("smallgpt.experiments.plot", "PlotArgs", "plot", "draw train/val loss curves of runs"),
     "export-metrics": Verb(
         "smallgpt.experiments.metrics",

@@ -1,0 +1,443 @@
+"""The HTTP face of `smallgpt serve`: OpenAI's API shape, server-sent events, the web page.
+
+Every bad request gets OpenAI's error object `{"error": {"message", "type", "param", "code"}}` with a
+4xx status: bodies are parsed and checked here (not by FastAPI's 422 machinery) so that each mistake
+names its parameter. A 500 means a bug in smallgpt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+from smallgpt.decode import QueueFull
+from smallgpt.errors import UserError
+from smallgpt.serve.models import Completion, Sampling, ServedModel
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY = 1 << 20  # bytes: far more than any prompt a block_size of context can use
+MAX_CHOICES = 8  # n, and prompts x n, per request
+MAX_STOP = 4  # stop texts, as OpenAI allows
+MAX_SEED = 2**63
+log = logging.getLogger("smallgpt.serve")
+
+
+class ApiError(Exception):
+    """A request the server refuses: becomes OpenAI's error object with this status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind, self.headers = kind, headers
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---- request bodies: types are strict (a string is not a number); ranges are checked in `sampling`
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # not OpenAI's: pass it in the client's extra_body
+    repetition_penalty: float | None = None  # idem
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    logprobs: Any = None  # not supported: refused when set
+    user: str | None = None
+
+
+class CompletionBody(Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = None  # not supported
+    suffix: str | None = None  # not supported
+    best_of: int | None = None  # not supported
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatBody(Body):
+    messages: list[Message]
+    max_completion_tokens: int | None = None  # the newer name of max_tokens
+    tools: Any = None  # not supported
+
+
+async def read_body(request: Request, schema: type[BaseModel]) -> Any:
+    """The JSON body, checked against `schema`; ApiError (413, 400) for any problem."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise ApiError(413, f"the request body is over {MAX_BODY} bytes", code="body_too_large")
+    raw = b""
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY:
+                raise ApiError(413, f"the request body is over {MAX_BODY} bytes", code="body_too_large")
+    except ClientDisconnect:  # nobody is left to answer; end the request quietly
+        raise ApiError(400, "the client went away before sending the whole body") from None
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        body = schema.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("str", "list")))
+        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param=param or None) from None
+    check_strings(data)
+    return body
+
+
+def check_strings(value: Any, path: str = "") -> None:
+    """JSON may carry lone surrogates (\\ud800), which are not text any tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{path or 'body'} is not valid Unicode text", param=path or None) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_strings(key, path)
+            check_strings(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_strings(item, f"{path}.{i}")
+
+
+def sampling(body: Body, served: ServedModel, max_tokens: int | None, default_max: int) -> Sampling:
+    """The request's sampling settings, each checked against its range."""
+    max_tokens = default_max if max_tokens is None else max_tokens
+    limit = served.max_tokens_limit
+    if not 1 <= max_tokens <= limit:
+        raise ApiError(
+            400,
+            f"max_tokens must be between 1 and {limit} (model {served.name!r} has a context of "
+            f"{served.block_size} tokens), got {max_tokens}",
+            "max_tokens",
+        )
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ApiError(400, f"temperature must be 0 or more, got {temperature}", "temperature")
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    if body.top_k is not None and body.top_k < 1:
+        raise ApiError(400, f"top_k must be 1 or more, got {body.top_k}", "top_k")
+    penalty = 1.0 if body.repetition_penalty is None else body.repetition_penalty
+    if not math.isfinite(penalty) or penalty <= 0:
+        raise ApiError(400, f"repetition_penalty must be above 0, got {penalty}", "repetition_penalty")
+    if body.seed is not None and not 0 <= body.seed < MAX_SEED:
+        raise ApiError(400, f"seed must be in [0, 2**63), got {body.seed}", "seed")
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    if len(stop) > MAX_STOP or any(not s for s in stop):
+        raise ApiError(400, f"stop takes at most {MAX_STOP} non-empty texts", "stop")
+    if not 1 <= body.n <= MAX_CHOICES:
+        raise ApiError(400, f"n must be between 1 and {MAX_CHOICES}, got {body.n}", "n")
+    for name in ("logprobs", "echo", "suffix", "tools"):
+        if getattr(body, name, None) not in (None, False, 0):
+            raise ApiError(400, f"{name} is not supported by smallgpt serve", name)
+    seed = secrets.randbelow(MAX_SEED) if body.seed is None else body.seed
+    return Sampling(max_tokens, temperature, top_p, body.top_k, penalty, seed, stop)
+
+
+def completion_prompts(body: CompletionBody, served: ServedModel) -> list[list[int]]:
+    """The prompt(s) as token ids: a text, texts, token ids, or lists of token ids."""
+    prompt = body.prompt
+    if not prompt and not isinstance(prompt, str):
+        raise ApiError(400, "prompt is an empty list", "prompt")
+    if isinstance(prompt, str) or isinstance(prompt[0], str):
+        texts = [prompt] if isinstance(prompt, str) else prompt
+        with param_errors("prompt"):
+            return [served.encode(text) for text in texts]
+    prompts = [prompt] if isinstance(prompt[0], int) else prompt
+    vocab = served.model.config.vocab_size
+    for ids in prompts:
+        if not ids or not all(0 <= i < vocab for i in ids):
+            raise ApiError(400, f"token id prompts must be non-empty, with ids in [0, {vocab})", "prompt")
+    return [list(ids) for ids in prompts]
+
+
+@contextmanager
+def param_errors(param: str) -> Iterator[None]:
+    """A UserError (e.g. a character the tokenizer never saw) as a 400 naming `param`."""
+    try:
+        yield
+    except UserError as e:
+        raise ApiError(400, str(e), param) from None
+
+
+# ---- responses
+
+
+class Job:
+    """The completions of one request (prompts x n choices), already queued."""
+
+    def __init__(self, served: ServedModel, chat: bool):
+        self.served, self.chat = served, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.choices: list[Completion] = []
+        self.prompt_tokens = 0
+        self.warnings: list[str] = []
+
+    def submit(self, prompts: list[list[int]], settings: Sampling, n: int) -> None:
+        """Queue n choices per prompt; choice i samples with seed + i, so the choices differ."""
+        if len(prompts) * n > MAX_CHOICES:
+            raise ApiError(400, f"prompts x n must be at most {MAX_CHOICES}", "n")
+        try:
+            for ids in prompts:
+                ids, note = self.served.fit_prompt(ids, settings.max_tokens)
+                self.warnings += [note] if note else []
+                self.prompt_tokens += len(ids)
+                for i in range(n):
+                    seeded = dataclasses.replace(settings, seed=(settings.seed + i) % MAX_SEED)
+                    self.choices.append(self.served.complete(ids, seeded, chat=self.chat))
+        except QueueFull:
+            self.cancel()
+            raise ApiError(
+                503,
+                f"model {self.served.name!r} is busy: too many requests are waiting; retry shortly",
+                code="queue_full",
+                kind="server_error",
+                headers={"Retry-After": "1"},
+            ) from None
+        except BaseException:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        for choice in self.choices:
+            choice.cancel()
+
+    def usage(self) -> dict[str, int]:
+        completion = sum(c.completion_tokens for c in self.choices)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        }
+
+    def head(self, kind: str) -> dict[str, Any]:
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.served.name}
+        return head | ({"warnings": self.warnings} if self.warnings else {})
+
+    def choice(self, index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if not self.chat:
+            return {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def whole(self) -> dict:
+        """The finished response, for a request without `stream`."""
+        texts = [choice.text() for choice in self.choices]
+        if self.chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, (text, c) in enumerate(zip(texts, self.choices))
+            ]
+            return self.head("chat.completion") | {"choices": choices, "usage": self.usage()}
+        choices = [
+            self.choice(i, text, c.finish_reason) for i, (text, c) in enumerate(zip(texts, self.choices))
+        ]
+        return self.head("text_completion") | {"choices": choices, "usage": self.usage()}
+
+    def chunks(self, include_usage: bool) -> Iterator[dict]:
+        """OpenAI's stream chunks: text as it comes, then each choice's finish_reason."""
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        for i, choice in enumerate(self.choices):
+            if self.chat:
+                yield self.head(kind) | {"choices": [self.choice(i, "", None, first=True)]}
+            for text in choice:
+                yield self.head(kind) | {"choices": [self.choice(i, text, None)]}
+            yield self.head(kind) | {"choices": [self.choice(i, None, choice.finish_reason)]}
+        if include_usage:
+            yield self.head(kind) | {"choices": [], "usage": self.usage()}
+
+
+async def event_stream(chunks: Iterator[dict], cancel: Callable[[], None]) -> AsyncIterator[str]:
+    """Server-sent events, one per chunk, then `data: [DONE]`. A client that goes away cancels
+    the job (Starlette cancels this generator), so its batch slots are freed at once."""
+    try:
+        while True:
+            # the blocking iterator waits for the next token in a worker thread
+            chunk = await anyio.to_thread.run_sync(next, chunks, None, abandon_on_cancel=True)
+            if chunk is None:
+                break
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception:
+        log.exception("a stream failed")  # a bug: tell the client in the stream, keep serving others
+        yield f"data: {json.dumps(error_body('internal error while generating', 'server_error'))}\n\n"
+    finally:
+        cancel()
+
+
+async def respond(job: Job, body: Body) -> Response:
+    if not body.stream:
+        try:
+            return JSONResponse(await anyio.to_thread.run_sync(job.whole))
+        finally:
+            job.cancel()
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    return StreamingResponse(
+        event_stream(job.chunks(include_usage), job.cancel),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+# ---- the app
+
+
+def create_app(models: dict[str, ServedModel], api_key: str | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # every running or waiting request may hold a worker thread while it waits for a token
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        streams = sum(m.scheduler.engine.max_batch + m.scheduler.max_queue for m in models.values())
+        limiter.total_tokens = max(limiter.total_tokens, streams + 8)
+        yield
+
+    app = FastAPI(title="smallgpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    def find(name: str) -> ServedModel:
+        if name not in models:
+            known = ", ".join(models)
+            raise ApiError(404, f"model {name!r} does not exist; served: {known}", "model", "model_not_found")
+        return models[name]
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(
+                401, "missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key"
+            )
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(e.message, e.kind, e.param, e.code), e.status, headers=e.headers)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, e: UserError) -> JSONResponse:
+        return JSONResponse(error_body(str(e), "invalid_request_error"), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body(str(e.detail), "invalid_request_error"), e.status_code, headers=e.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse(error_body("internal error", "server_error"), 500)
+
+    @app.get("/")
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "models": {name: m.stats() for name, m in models.items()}}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [m.describe() for m in models.values()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request) -> dict:
+        authorize(request)
+        return find(name).describe()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        body = await read_body(request, CompletionBody)
+        served = find(body.model)
+        settings = sampling(body, served, body.max_tokens, default_max=min(16, served.max_tokens_limit))
+        job = Job(served, chat=False)
+        job.submit(completion_prompts(body, served), settings, body.n)
+        return await respond(job, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        body = await read_body(request, ChatBody)
+        served = find(body.model)
+        if served.chat is None:
+            raise ApiError(
+                400,
+                f"model {served.name!r} was not trained on chat data: use /v1/completions",
+                "model",
+                "not_a_chat_model",
+            )
+        default_max = min(128, served.block_size // 2)
+        settings = sampling(body, served, body.max_completion_tokens or body.max_tokens, default_max)
+        messages = [(m.role, m.text()) for m in body.messages]
+        job = Job(served, chat=True)
+        with param_errors("messages"):
+            prompt = served.chat_prompt(messages, settings.max_tokens)
+        job.submit([prompt], settings, body.n)
+        return await respond(job, body)
+
+    return app

@@ -1,0 +1,216 @@
+"""What `smallgpt serve` serves: loaded models, their prompts, and completions as they are made.
+
+No web code here: the FastAPI app (serve/app.py) turns requests into calls on `ServedModel` and its
+`Completion`s into JSON or server-sent events. Decoding itself is the shared batched path: every
+model has one scheduler, and each completion is one of its requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from smallgpt.chat.format import BOT, CHAT_TOKENS, USER, ChatFormat, keep_recent
+from smallgpt.data.tokenizers import Tokenizer
+from smallgpt.decode import CANCELLED, BatchScheduler, DecodeEngine, SamplingSettings, TokenStream
+from smallgpt.errors import UserError
+from smallgpt.generate import StreamDecoder
+from smallgpt.model.gpt import GPT
+from smallgpt.runs import load_source
+
+ROLES = {"user": USER, "assistant": BOT}  # OpenAI's message roles -> the chat format's turns
+
+
+@dataclass
+class Sampling:
+    """A request's sampling settings, already checked (see app.py)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)  # texts that end the completion (not included)
+
+
+class Completion:
+    """One choice being generated: its text pieces as they come, then why it ended.
+
+    Iterating yields text; afterwards `finish_reason` is "stop" (end-of-text, end-of-turn or a stop
+    text) or "length" (max_tokens reached) and `completion_tokens` counts the tokens the model made
+    (the end-of-text or end-of-turn that ended it included). `cancel()` may be called from any
+    thread and frees the batch slot at once.
+    """
+
+    def __init__(self, tokens: TokenStream, tokenizer: Tokenizer, stop: list[str]):
+        self.tokens, self.tokenizer, self.stop = tokens, tokenizer, stop
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+    def __iter__(self) -> Iterator[str]:
+        decoder, pending, stop_ids = StreamDecoder(self.tokenizer), "", self.tokens.settings.stop_ids
+        try:
+            for token_id in self.tokens:
+                self.completion_tokens += 1
+                if token_id in stop_ids:
+                    break
+                pending += decoder.push(token_id)
+                ready, pending, stopped = split_at_stop(pending, self.stop)
+                if ready:
+                    yield ready
+                if stopped:
+                    self.finish_reason = "stop"
+                    return
+            ready, _, stopped = split_at_stop(pending + decoder.flush(), self.stop, final=True)
+            if ready:
+                yield ready
+            self.finish_reason = "stop" if stopped else self.tokens.finish_reason
+        finally:
+            self.tokens.close()  # a no-op when the request ended; frees its slot when it did not
+
+    def text(self) -> str:
+        return "".join(self)
+
+    def cancel(self) -> None:
+        """End the request from another thread, also waking a reader blocked on its next token."""
+        self.tokens.close()
+        self.tokens.put(CANCELLED)
+
+
+def split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[str, str, bool]:
+    """(text that can be sent, text held back, whether a stop text was met).
+
+    Held back is the end of `text` that may be the beginning of a stop text, so a stop text that
+    arrives over several tokens is never sent; at the end (`final`) nothing is held back.
+    """
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if found:
+        return text[: min(found)], "", True
+    if final:
+        return text, "", False
+    held = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[: len(text) - held], text[len(text) - held :], False
+
+
+class ServedModel:
+    """A loaded run (or Hugging Face model) under a name, with its own batch scheduler."""
+
+    def __init__(self, name: str, model: GPT, tokenizer: Tokenizer, scheduler: BatchScheduler):
+        self.name, self.model, self.tokenizer, self.scheduler = name, model, tokenizer, scheduler
+        self.block_size = model.config.block_size
+        is_chat = all(t in tokenizer.special_tokens for t in CHAT_TOKENS)
+        self.chat = ChatFormat(tokenizer) if is_chat else None
+
+    @property
+    def max_tokens_limit(self) -> int:
+        """The longest completion: the context less one prompt token."""
+        return self.block_size - 1
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt; an empty one means "a new document". UserError for unseen characters."""
+        return self.tokenizer.encode(text) or [self.tokenizer.eot_id]
+
+    def fit_prompt(self, ids: list[int], max_tokens: int) -> tuple[list[int], str | None]:
+        """The prompt's last tokens that fit next to max_tokens new ones, and a note when some were cut."""
+        room = self.block_size - max_tokens
+        if len(ids) <= room:
+            return ids, None
+        note = (
+            f"the prompt has {len(ids)} tokens; only its last {room} were used "
+            f"(the model's context of {self.block_size} tokens less max_tokens {max_tokens})"
+        )
+        return ids[-room:], note
+
+    def chat_prompt(self, messages: Sequence[tuple[str, str]], max_tokens: int) -> list[int]:
+        """The run's turn format for (role, text) messages, ending with the bot's marker.
+
+        The most recent whole turns that fit next to the reply are kept, starting with a user turn as
+        training windows do (as `smallgpt chat` does). System messages have no turn in the format.
+        """
+        if self.chat is None:
+            raise UserError(
+                f"model {self.name!r} was not trained on chat data (no chat tokens): use /v1/completions"
+            )
+        turns = [(ROLES[role], text) for role, text in messages if role in ROLES]
+        if not turns:
+            raise UserError("messages has no user or assistant message")
+        encoded = [self.chat.encode_turn(role, self.chat.encode_text(text)) for role, text in turns]
+        budget = self.block_size - max_tokens - 2  # the prompt's end-of-text and <|bot|> marker
+        first = keep_recent([len(ids) for ids in encoded], budget)
+        if first == len(encoded):
+            raise UserError(
+                f"the last message is {len(encoded[-1])} tokens; at most {budget} fit next to a reply "
+                f"of max_tokens {max_tokens} in the model's context of {self.block_size}"
+            )
+        if turns[first][0] == BOT and first + 1 < len(turns):
+            first += 1
+        return self.chat.prompt(encoded[first:])
+
+    def stop_ids(self, chat: bool) -> tuple[int, ...]:
+        return self.chat.stop_ids if chat and self.chat else (self.tokenizer.eot_id,)
+
+    def complete(self, prompt_ids: list[int], sampling: Sampling, chat: bool = False) -> Completion:
+        """Queue one completion of `prompt_ids`; QueueFull when the scheduler has no room."""
+        stop_ids = self.stop_ids(chat)
+        settings = SamplingSettings(
+            max_new_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p if sampling.top_p < 1 else None,
+            repetition_penalty=sampling.repetition_penalty,
+            seed=sampling.seed,
+            stop_ids=stop_ids,
+            suppress_ids=tuple(i for i in self.tokenizer.special_tokens.values() if i not in stop_ids),
+        )
+        return Completion(self.scheduler.submit(prompt_ids, settings), self.tokenizer, sampling.stop)
+
+    def stats(self) -> dict:
+        """Requests now, and batching so far, for /health: steps, tokens, steps per batch size."""
+        stats, (running, waiting) = self.scheduler.stats, self.scheduler.load
+        return {
+            "running": running,
+            "waiting": waiting,
+            "steps": stats.steps,
+            "tokens": stats.tokens,
+            "max_batch_size": stats.max_batch_size,
+            "batch_sizes": {str(size): steps for size, steps in sorted(stats.batch_sizes.items())},
+        }
+
+    def describe(self) -> dict:
+        """The model's entry in /v1/models (OpenAI's fields, and what the page needs)."""
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "smallgpt",
+            "chat": self.chat is not None,
+            "block_size": self.block_size,
+            "max_tokens": self.max_tokens_limit,
+        }
+
+
+def model_name(source: str) -> str:
+    """A run (or Hugging Face folder) is served under its folder's name."""
+    return Path(source.rstrip("/")).name or source
+
+
+def load_models(
+    runs: Sequence[str], init_from: str, which: str, device: torch.device, max_batch: int, max_queue: int
+) -> dict[str, ServedModel]:
+    sources = [(run, "") for run in runs] + ([("", init_from)] if init_from else [])
+    if not sources:
+        raise UserError("pass at least one --run DIR (or --init-from)")
+    models: dict[str, ServedModel] = {}
+    for run, hf in sources:
+        name = model_name(run or hf)
+        if name in models:
+            raise UserError(f"two models would be named {name!r}: serve runs whose folders differ in name")
+        model, tokenizer = load_source(run, hf, which, device)
+        models[name] = ServedModel(
+            name, model, tokenizer, BatchScheduler(DecodeEngine(model, max_batch), max_queue)
+        )
+    return models
