@@ -179,18 +179,42 @@ def test_scheduler_queue_full_and_cancel_on_close():
     model = tiny()
     scheduler = BatchScheduler(DecodeEngine(model, max_batch=1), max_queue=1)
     endless = SamplingSettings(max_new_tokens=10**9, temperature=0)
+    short = SamplingSettings(max_new_tokens=5, temperature=0)
     running = scheduler.submit(prompt(3, 0), endless)
     next(running)  # it holds the only slot now
-    waiting = scheduler.submit(prompt(4, 1), SamplingSettings(max_new_tokens=5, temperature=0))
+    queued = scheduler.submit(prompt(4, 1), short)
     with pytest.raises(QueueFull):
-        scheduler.submit(prompt(5, 2), SamplingSettings())
+        scheduler.submit(prompt(5, 2), short)
     assert scheduler.load == (1, 1)
+    queued.close()  # leaves the queue: room for another
+    waiting = scheduler.submit(prompt(5, 2), short)
     running.close()  # frees the slot: the waiting request runs
-    assert list(waiting) == alone(model, prompt(4, 1), SamplingSettings(max_new_tokens=5, temperature=0))
-    assert running.finish_reason == "cancelled" and list(running) == []
+    assert list(waiting) == alone(model, prompt(5, 2), short)
+    assert running.finish_reason == queued.finish_reason == "cancelled" and list(queued) == []
     with pytest.raises(UserError, match="temperature"):
         scheduler.submit([1], SamplingSettings(temperature=-1))
     scheduler.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        scheduler.submit([1], SamplingSettings())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failing_step_reaches_every_caller():
+    engine = DecodeEngine(tiny(), max_batch=1)
+    scheduler = BatchScheduler(engine)
+    both_submitted = threading.Event()
+
+    def broken_step():  # a bug in the engine
+        both_submitted.wait()
+        raise ZeroDivisionError
+
+    engine.step = broken_step
+    streams = [scheduler.submit([1, 2], SamplingSettings(max_new_tokens=3)) for _ in range(2)]
+    both_submitted.set()
+    for stream in streams:
+        with pytest.raises(RuntimeError, match="decoding thread failed"):
+            next(stream)
+    scheduler.stop()  # the thread has ended (its traceback went to threading.excepthook)
     with pytest.raises(RuntimeError, match="stopped"):
         scheduler.submit([1], SamplingSettings())
 
