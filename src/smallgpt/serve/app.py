@@ -7,15 +7,17 @@ names its parameter. A 500 means a bug in smallgpt.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -207,7 +209,7 @@ def completion_prompts(body: CompletionBody, served: ServedModel) -> list[list[i
     return [list(ids) for ids in prompts]
 
 
-@contextmanager
+@contextlib.contextmanager
 def param_errors(param: str) -> Iterator[None]:
     """A UserError (e.g. a character the tokenizer never saw) as a 400 naming `param`."""
     try:
@@ -310,19 +312,41 @@ class Job:
 
 
 async def event_stream(chunks: Iterator[dict], cancel: Callable[[], None]) -> AsyncIterator[str]:
-    """Server-sent events, one per chunk, then `data: [DONE]`. A client that goes away cancels
-    the job (Starlette cancels this generator), so its batch slots are freed at once."""
+    """Server-sent events, one per chunk, then `data: [DONE]`.
+
+    A thread of its own waits for the tokens and encodes the chunks; each write sends every event
+    ready by then (one per token, unless the event loop fell behind). A client that goes away
+    cancels the job (Starlette cancels this generator), so its batch slots are freed at once.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def send(event: str | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def pump() -> None:
+        try:
+            for chunk in chunks:
+                send(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n")
+            send("data: [DONE]\n\n")
+        except Exception:
+            log.exception("a stream failed")  # a bug: tell the client in the stream, keep serving others
+            send(f"data: {json.dumps(error_body('internal error while generating', 'server_error'))}\n\n")
+        finally:
+            send(None)
+
+    threading.Thread(target=pump, name="smallgpt-stream", daemon=True).start()
     try:
         while True:
-            # the blocking iterator waits for the next token in a worker thread
-            chunk = await anyio.to_thread.run_sync(next, chunks, None, abandon_on_cancel=True)
-            if chunk is None:
-                break
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        yield "data: [DONE]\n\n"
-    except Exception:
-        log.exception("a stream failed")  # a bug: tell the client in the stream, keep serving others
-        yield f"data: {json.dumps(error_body('internal error while generating', 'server_error'))}\n\n"
+            ready = [await events.get()]
+            while not events.empty():
+                ready.append(events.get_nowait())
+            text = "".join(event for event in ready if event is not None)
+            if text:
+                yield text
+            if None in ready:
+                return
     finally:
         cancel()
 
@@ -345,9 +369,9 @@ async def respond(job: Job, body: Body) -> Response:
 
 
 def create_app(models: dict[str, ServedModel], api_key: str | None = None) -> FastAPI:
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # every running or waiting request may hold a worker thread while it waits for a token
+        # every running or waiting request without `stream` holds a worker thread until it is done
         limiter = anyio.to_thread.current_default_thread_limiter()
         streams = sum(m.scheduler.engine.max_batch + m.scheduler.max_queue for m in models.values())
         limiter.total_tokens = max(limiter.total_tokens, streams + 8)
