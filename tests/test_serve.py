@@ -204,3 +204,23 @@ def test_api_key_and_full_queue(tmp_path, lm_run):
     finally:
         server.close()
     assert "Traceback" not in server.output()
+
+
+def test_init_from_serves_a_transformers_folder_named_after_it(lm_run, tmp_path):
+    import torch
+
+    from smallgpt.export import ExportArgs, export
+    from smallgpt.serve.models import Sampling, load_models
+
+    exported = export(ExportArgs(run=str(lm_run), out=str(tmp_path / "exported")))
+    models = load_models([str(lm_run)], str(exported), "best", torch.device("cpu"), 2, 2)
+    try:
+        assert list(models) == [lm_run.name, "exported"]
+        texts = [
+            m.complete(m.encode("ROMEO:"), Sampling(max_tokens=20, temperature=0)).text()
+            for m in models.values()
+        ]
+        assert texts[0] == texts[1] and len(texts[0]) == 20
+    finally:
+        for served in models.values():
+            served.scheduler.stop()
