@@ -1,3 +1,4 @@
+import gzip
 import json
 import shutil
 from dataclasses import replace
@@ -9,10 +10,11 @@ from test_cli import TINY as CLI_TINY
 from test_cli import assert_user_error
 
 from smallgpt.cli import main
-from smallgpt.data import prepare
+from smallgpt.data import prepare, readers, sources
 from smallgpt.data.prepare import load_meta
 from smallgpt.data.tokenizers import CharTokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 from smallgpt.errors import UserError
+from smallgpt.io import sha256_file
 from smallgpt.model.gpt import ModelConfig
 from smallgpt.preparation import PrepareArgs, run_prepare
 
@@ -101,12 +103,25 @@ def test_folder_split_is_seeded_and_by_document(tmp_path):
     assert same[0] == same[1] and same[0] != same[2]
 
 
-def test_val_never_empty_and_zero_fraction(tmp_path):
-    folder = make_folder(tmp_path / "two", 2)
-    meta = run_prepare(PrepareArgs(input=str(folder), val_fraction=0.001, out=str(tmp_path / "a")))
-    assert meta["counts"]["documents"] == {"train": 1, "val": 1}
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])  # gpt2: counted while tokenizing, moved after
+def test_val_never_empty_and_zero_fraction(tmp_path, tokenizer):
+    folder = make_folder(tmp_path / "two", 3)
+    args = PrepareArgs(input=str(folder), tokenizer=tokenizer, val_fraction=0.001, out=str(tmp_path / "a"))
+    meta = run_prepare(args)
+    assert meta["counts"]["documents"] == {"train": 2, "val": 1}
+    tok = load_tokenizer(tmp_path / "a")
+    texts = [(folder / f"part{i}" / f"00{i}.txt").read_text(encoding="utf-8") for i in range(3)]
+    assert read_split(tmp_path / "a", "val").tolist() == [*tok.encode(texts[2]), tok.eot_id]
+    assert read_split(tmp_path / "a", "train").tolist() == [
+        *tok.encode(texts[0]),
+        tok.eot_id,
+        *tok.encode(texts[1]),
+        tok.eot_id,
+    ]
+    assert meta["counts"]["bytes"] == {"train": len(texts[0]) + len(texts[1]), "val": len(texts[2])}
+    assert sum(meta["counts"]["tokens"].values()) == sum(len(tok.encode(t)) + 1 for t in texts)
     meta = run_prepare(PrepareArgs(input=str(folder), val_fraction=0.0, out=str(tmp_path / "b")))
-    assert meta["counts"]["documents"] == {"train": 2, "val": 0}
+    assert meta["counts"]["documents"] == {"train": 3, "val": 0}
     assert (tmp_path / "b" / "val.bin").stat().st_size == 0
 
 
@@ -268,3 +283,80 @@ def test_tokenizer_from_bad_run(char_run, tmp_path, capsys, damage, text, fragme
     args = ["prepare", "--input", str(tmp_path / "new.txt"), "--tokenizer-from", str(run), "--out", str(out)]
     assert_user_error(capsys, args, *fragments)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def tinystories_docs(shared_data: Path, tmp_path: Path, n_docs: int = 300) -> tuple[Path, list[str]]:
+    """A file of the first n_docs TinyStories stories between <|endoftext|> markers, and the stories."""
+    text = (shared_data / "tinystories" / "tinystories_valid_prefix_eot.txt").read_text(encoding="utf-8")
+    docs = [d.strip() for d in text.split("<|endoftext|>") if d.strip()][:n_docs]
+    path = tmp_path / "stories.txt"
+    path.write_text("".join(d + "\n<|endoftext|>\n" for d in docs), encoding="utf-8")
+    return path, docs
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char", "bpe:300"])
+def test_threads_write_exactly_what_one_thread_writes(tmp_path, monkeypatch, shared_data, tokenizer):
+    path, docs = tinystories_docs(shared_data, tmp_path)
+    monkeypatch.setattr(prepare, "THREADS", 1)
+    one = run_prepare(PrepareArgs(input=str(path), tokenizer=tokenizer, out=str(tmp_path / "one")))
+    monkeypatch.setattr(prepare, "THREADS", 4)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 5_000)  # ~50 batches, 4 encoding at a time
+    many = run_prepare(PrepareArgs(input=str(path), tokenizer=tokenizer, out=str(tmp_path / "many")))
+    assert one == {**many, "inputs": one["inputs"]} and one["counts"]["documents"]["val"] > 0
+    for split in ("train", "val"):
+        assert (tmp_path / "one" / f"{split}.bin").read_bytes() == (
+            tmp_path / "many" / f"{split}.bin"
+        ).read_bytes()
+    # and what they write is each document on its own, then end-of-text, routed by a seeded draw
+    tok = load_tokenizer(tmp_path / "one")
+    expected: dict[str, list[int]] = {"train": [], "val": []}
+    for doc, _, split in prepare.route_by_document(((d, True) for d in docs), len(docs), 0.1, 1337):
+        expected[split] += [*tok.encode(doc), tok.eot_id]
+    for split in ("train", "val"):
+        assert read_split(tmp_path / "one", split).tolist() == expected[split]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".txt.gz", ".jsonl"])
+def test_input_is_read_once_and_hashed_on_the_way(tmp_path, monkeypatch, shared_data, suffix):
+    """gpt2 needs no vocabulary pass: the tokenizing pass counts the corpus and hashes the file;
+    a probe (text: for the first marker; JSON lines: is the first record chat?) stops early."""
+    text_path, docs = tinystories_docs(shared_data, tmp_path)
+    path = tmp_path / f"in{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    elif suffix == ".txt.gz":
+        path.write_bytes(gzip.compress(text_path.read_bytes()))
+    else:
+        shutil.copy(text_path, path)
+    reads = {"started": 0, "to the end": 0}
+    chunks = readers.read_chunks
+
+    def counting(*args, **kwargs):
+        reads["started"] += 1
+        yield from chunks(*args, **kwargs)
+        reads["to the end"] += 1
+
+    monkeypatch.setattr(readers, "read_chunks", counting)
+    monkeypatch.setattr(sources, "read_chunks", counting)
+    monkeypatch.setattr(prepare, "sha256_file", None)  # must not be needed
+    meta = run_prepare(PrepareArgs(input=str(path), tokenizer="gpt2", out=str(tmp_path / "out")))
+    assert reads == {"started": 2, "to the end": 1}
+    assert meta["inputs"][0]["sha256"] == sha256_file(path)
+    assert sum(meta["counts"]["documents"].values()) == len(docs)
+    assert meta["counts"]["characters"] == sum(len(d) for d in docs)
+
+
+def test_one_document_with_gpt2_splits_where_char_does(shakespeare_char, tmp_path):
+    """The position split needs the corpus length, which gpt2 learns only while tokenizing: the
+    document is tokenized again, cut where the char tokenizer (which counts first) cuts it."""
+    char_out, char_meta, text = shakespeare_char
+    out = tmp_path / "gpt2"
+    meta = run_prepare(PrepareArgs(input=char_meta["inputs"][0]["path"], tokenizer="gpt2", out=str(out)))
+    assert meta["counts"]["documents"] == {"train": 1, "val": 1}
+    assert meta["counts"]["characters"] == char_meta["counts"]["characters"]
+    assert meta["counts"]["bytes"] == char_meta["counts"]["bytes"]
+    char_tok, tok = load_tokenizer(char_out), load_tokenizer(out)
+    for split in ("train", "val"):
+        ids = read_split(out, split)
+        assert ids[-1] == tok.eot_id
+        assert tok.decode(ids[:-1].tolist()) == char_tok.decode(read_split(char_out, split)[:-1].tolist())

@@ -11,9 +11,11 @@ Every document is followed by the end-of-text id, so training samples can see wh
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -21,14 +23,15 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 
 from smallgpt.data.sources import ReadOptions, Source
-from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, check_kind, save_tokenizer
+from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, check_kind, learns_vocabulary, save_tokenizer
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir, atomic_write_json, check_folder_target, resolve_dir, sha256_file
 from smallgpt.progress import progress_bar
 
 META_FORMAT_VERSION = 1
 Segment = TypeVar("Segment")  # a piece of a document (text), or a whole one (chat: a dialogue)
-BATCH_CHARS = 8 << 20  # text tokenized per batch: big enough for threads, small enough for memory
+BATCH_CHARS = 4 << 20  # text tokenized per batch, by one thread: THREADS + 1 batches in memory
+THREADS = min(os.cpu_count() or 1, 8)
 SPLITS = ("train", "val")
 
 
@@ -103,19 +106,19 @@ def prepare_text(args: PrepareArgs, tokenizer: Tokenizer | None = None) -> dict[
     check_args(args)
     source = args.open(args.source, args.input)
     tok, counts = scan(source, args.tokenizer, tokenizer)
-    print(f"length of dataset in characters: {counts.characters:,}")
     print(f"vocab size: {tok.vocab_size:,}")
 
     suffix = Path(args.tokenizer_from).name if args.tokenizer_from else args.tokenizer.replace(":", "")
     out = Path(args.out or Path("data") / f"{source.name}_{suffix}")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with atomic_dir(out) as tmp:
-        stats = write_splits(source, tok, counts, args, dtype, tmp)
+        stats, counts = write_splits(source, tok, counts, args, dtype, tmp)
         meta = dataset_meta(source, tok, counts, stats, args, dtype)
         save_tokenizer(tok, tmp / "tokenizer.json")
         atomic_write_json(tmp / "meta.json", meta)
 
     docs = meta["counts"]["documents"]
+    print(f"length of dataset in characters: {counts.characters:,}")
     print(f"documents: train {docs['train']:,}, val {docs['val']:,}")
     for split in SPLITS:
         print(f"{split} has {meta['counts']['tokens'][split]:,} tokens")
@@ -123,61 +126,63 @@ def prepare_text(args: PrepareArgs, tokenizer: Tokenizer | None = None) -> dict[
     return meta
 
 
-def scan(source: Source, kind: str, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, Counts]:
-    """Stage 2: one pass that counts the corpus and builds the vocabulary ("char", "bpe:N"),
-    unless a `tokenizer` is given."""
+def scan(source: Source, kind: str, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, Counts | None]:
+    """Stage 2: the tokenizer. char and bpe:N learn their vocabulary in one pass over the corpus,
+    which also counts it; gpt2 and a given `tokenizer` need no pass (counts None: stage 3 counts)."""
+    if tokenizer is not None or not learns_vocabulary(kind):
+        return tokenizer or build_tokenizer(kind), None
     counts = Counts()
-
-    def texts() -> Iterator[str]:
-        with progress_bar(total=source.text_bytes(), unit="B", unit_scale=True, desc="scan") as bar:
-            for text, ends in source.segments():
-                n = len(text.encode("utf-8"))
-                counts.documents += ends
-                counts.characters += len(text)
-                counts.bytes += n
-                bar.update(n)
-                yield text
-
-    stream = texts()
-    tok = tokenizer or build_tokenizer(kind, stream)
-    deque(stream, maxlen=0)  # finish counting when the tokenizer needed no text (gpt2, given)
+    with progress_bar(total=source.text_bytes(), unit="B", unit_scale=True, desc="scan") as bar:
+        tok = build_tokenizer(kind, (text for text, _ in _counted(source.segments(), counts, bar)))
     return tok, counts
 
 
+def _counted(
+    segments: Iterable[tuple[str, bool]], counts: Counts, bar: Any = None
+) -> Iterator[tuple[str, bool]]:
+    """The segments, adding up documents, characters and bytes in `counts` as they go by."""
+    for text, ends in segments:
+        n = len(text.encode("utf-8"))
+        counts.documents += ends
+        counts.characters += len(text)
+        counts.bytes += n
+        if bar is not None:
+            bar.update(n)
+        yield text, ends
+
+
 def write_splits(
-    source: Source, tok: Tokenizer, counts: Counts, args: PrepareArgs, dtype: type, folder: Path
-) -> dict[str, dict[str, int]]:
-    """Stage 3: tokenize in batches and append each split's ids to <split>.bin."""
-    stats = {k: dict.fromkeys(SPLITS, 0) for k in ("documents", "tokens", "bytes")}
-    routed = _route(source.segments(), counts, args.val_fraction, args.seed)
-    files: dict[str, BinaryIO] = {split: open(folder / f"{split}.bin", "wb") for split in SPLITS}
-    try:
-        with progress_bar(total=counts.bytes, unit="B", unit_scale=True, desc="tokenize") as bar:
-            for batch in _batches(routed, BATCH_CHARS):
-                _write_batch(batch, tok, dtype, files, stats)
-                bar.update(sum(n for _, _, _, n in batch))
-    finally:
-        for f in files.values():
-            f.close()
-    return stats
+    source: Source, tok: Tokenizer, counts: Counts | None, args: PrepareArgs, dtype: type, folder: Path
+) -> tuple[dict[str, dict[str, int]], Counts]:
+    """Stage 3: tokenize, appending each split's ids to <split>.bin; returns the split stats and
+    the corpus counts.
 
-
-def _route(
-    segments: Iterable[tuple[str, bool]], counts: Counts, val_fraction: float, seed: int
-) -> Iterator[tuple[str, bool, str]]:
-    """(text, ends_document, split) for every segment."""
-    if counts.documents == 1 and val_fraction > 0:
-        return _route_by_position(segments, counts.characters, val_fraction)
-    return route_by_document(segments, counts.documents, val_fraction, seed)
+    Usually one pass: documents go to val by a seeded draw in document order, counted on the way.
+    A source that is one document (tiny shakespeare) is split by position instead, at 90% of its
+    characters, which takes its length: known after stage 2, else after a first pass.
+    """
+    single = counts is not None and counts.documents == 1 and args.val_fraction > 0
+    if not single:
+        seen = Counts()
+        segments = _counted(source.segments(), seen)
+        routed = route_by_document(segments, None, args.val_fraction, args.seed)
+        files = _tokenize(routed, tok, dtype, folder, source.text_bytes())
+        counts = seen
+        if not (counts.documents == 1 and args.val_fraction > 0):
+            files.give_each_split_a_document(args.val_fraction)
+            return files.stats, counts
+    assert counts is not None
+    routed = _route_by_position(source.segments(), counts.characters, args.val_fraction)
+    return _tokenize(routed, tok, dtype, folder, counts.bytes).stats, counts
 
 
 def route_by_document(
-    segments: Iterable[tuple[Segment, bool]], n_docs: int, val_fraction: float, seed: int
+    segments: Iterable[tuple[Segment, bool]], n_docs: int | None, val_fraction: float, seed: int
 ) -> Iterator[tuple[Segment, bool, str]]:
     """Each document goes to val with probability val_fraction, drawn in document order.
 
     Both splits get at least one document: if one is still empty when the last document comes,
-    the last document goes there.
+    the last document goes there. With n_docs None (not counted yet) the caller moves it after.
     """
     rng = random.Random(seed)
     seen = dict.fromkeys(SPLITS, 0)
@@ -185,9 +190,10 @@ def route_by_document(
     for text, ends in segments:
         if split is None:
             split = "val" if rng.random() < val_fraction else "train"
-            if index == n_docs - 1 and val_fraction > 0 and not seen["val"]:
+            last = n_docs is not None and index == n_docs - 1
+            if last and val_fraction > 0 and not seen["val"]:
                 split = "val"
-            elif index == n_docs - 1 and not seen["train"]:
+            elif last and not seen["train"]:
                 split = "train"
         yield text, ends, split
         if ends:
@@ -237,27 +243,93 @@ def _batches(
         yield batch
 
 
-def _write_batch(
-    batch: list[tuple[str, bool, str, int]],
-    tok: Tokenizer,
-    dtype: type,
-    files: dict[str, BinaryIO],
-    stats: dict[str, dict[str, int]],
-) -> None:
-    ids = tok.encode_batch_to_arrays([text for text, _, _, _ in batch])
-    eot: np.ndarray = np.array([tok.eot_id], dtype=dtype)
-    parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
-    for arr, (_, ends, split, n_bytes) in zip(ids, batch, strict=True):
-        parts[split].append(arr.astype(dtype, copy=False))
-        if ends:
-            parts[split].append(eot)
-            stats["documents"][split] += 1
-        stats["bytes"][split] += n_bytes
-    for split, arrays in parts.items():
-        if arrays:
-            data = np.concatenate(arrays)
-            data.tofile(files[split])
-            stats["tokens"][split] += len(data)
+def _tokenize(
+    routed: Iterable[tuple[str, bool, str]], tok: Tokenizer, dtype: type, folder: Path, total: int | None
+) -> SplitFiles:
+    """Encode batches on THREADS threads while this one reads the next batch; write them in order.
+
+    At most THREADS + 1 batches are in memory. Tokenizers release the GIL while they encode
+    (tiktoken, HF tokenizers, numpy for char), so the threads run on separate cores.
+    """
+    with (
+        SplitFiles(folder, dtype, tok.eot_id) as files,
+        progress_bar(total=total, unit="B", unit_scale=True, desc="tokenize") as bar,
+        ThreadPoolExecutor(THREADS) as pool,
+    ):
+        pending: deque[tuple[list, Future]] = deque()
+
+        def write_oldest() -> None:
+            batch, encoded = pending.popleft()
+            files.write(batch, encoded.result())
+            bar.update(sum(n for _, _, _, n in batch))
+
+        for batch in _batches(routed, BATCH_CHARS):
+            pending.append((batch, pool.submit(tok.encode_batch_to_arrays, [t for t, _, _, _ in batch])))
+            if len(pending) > THREADS:
+                write_oldest()
+        while pending:
+            write_oldest()
+    return files
+
+
+class SplitFiles:
+    """train.bin and val.bin being appended to, their counts (documents, tokens, bytes per split)
+    and where the last document ended up."""
+
+    def __init__(self, folder: Path, dtype: type, eot_id: int):
+        self.paths = {split: folder / f"{split}.bin" for split in SPLITS}
+        self.dtype = dtype
+        self.eot: np.ndarray = np.array([eot_id], dtype=dtype)
+        self.stats = {k: dict.fromkeys(SPLITS, 0) for k in ("documents", "tokens", "bytes")}
+        self.doc_start: int | None = None  # token offset of the unfinished document in its split
+        self.doc_bytes = 0  # its bytes so far
+        self.last: tuple[str, int, int] | None = None  # split, token offset, bytes of the last document
+
+    def __enter__(self) -> SplitFiles:
+        self.files: dict[str, BinaryIO] = {split: open(path, "wb") for split, path in self.paths.items()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def write(self, batch: list[tuple[str, bool, str, int]], ids: list[np.ndarray]) -> None:
+        parts: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
+        ends_at = dict(self.stats["tokens"])  # tokens of each split once this batch is written
+        for arr, (_, ends, split, n_bytes) in zip(ids, batch, strict=True):
+            if self.doc_start is None:
+                self.doc_start, self.doc_bytes = ends_at[split], 0
+            parts[split].append(arr.astype(self.dtype, copy=False))
+            ends_at[split] += len(arr)
+            self.doc_bytes += n_bytes
+            if ends:
+                parts[split].append(self.eot)
+                ends_at[split] += 1
+                self.stats["documents"][split] += 1
+                self.last, self.doc_start = (split, self.doc_start, self.doc_bytes), None
+            self.stats["bytes"][split] += n_bytes
+        for split, arrays in parts.items():
+            if arrays:
+                data = np.concatenate(arrays)
+                data.tofile(self.files[split])
+                self.stats["tokens"][split] += len(data)
+
+    def give_each_split_a_document(self, val_fraction: float) -> None:
+        """If a split has no document, move the last document there (from the end of the other)."""
+        docs = self.stats["documents"]
+        empty = "val" if val_fraction > 0 and not docs["val"] else "train" if not docs["train"] else None
+        if empty is None or self.last is None or self.last[0] == empty:
+            return
+        split, start, n_bytes = self.last
+        itemsize = np.dtype(self.dtype).itemsize
+        moved: np.ndarray = np.fromfile(self.paths[split], dtype=self.dtype, offset=start * itemsize)
+        with open(self.paths[split], "r+b") as f:
+            f.truncate(start * itemsize)
+        with open(self.paths[empty], "ab") as f:
+            moved.tofile(f)
+        for key, amount in (("documents", 1), ("tokens", len(moved)), ("bytes", n_bytes)):
+            self.stats[key][split] -= amount
+            self.stats[key][empty] += amount
 
 
 def dataset_meta(
@@ -268,7 +340,11 @@ def dataset_meta(
     args: PrepareArgs,
     dtype: type,
 ) -> dict[str, Any]:
-    inputs = [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in source.files]
+    # the hashes of files read to their end while tokenizing; others (Parquet) are read here
+    inputs = [
+        {"path": str(p), "bytes": p.stat().st_size, "sha256": source.sha256.get(p) or sha256_file(p)}
+        for p in source.files
+    ]
     return {
         "format_version": META_FORMAT_VERSION,
         "source": source.name,

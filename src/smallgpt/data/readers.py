@@ -19,7 +19,7 @@ import json
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from smallgpt.errors import UserError
 
@@ -68,10 +68,31 @@ def list_files(folder: Path, glob: str | None = None) -> list[Path]:
 # ---- bytes and text ----------------------------------------------------------------------------
 
 
-def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The bytes of `path`, one chunk at a time, decompressed on the way for .gz and .zst files."""
+class Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+class _Hashing:
+    """A binary file that feeds what is read from it into a digest."""
+
+    def __init__(self, file: BinaryIO, digest: Digest):
+        self.file, self.digest = file, digest
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        self.digest.update(data)
+        return data
+
+
+def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES, digest: Digest | None = None) -> Iterator[bytes]:
+    """The bytes of `path`, one chunk at a time, decompressed on the way for .gz and .zst files.
+
+    `digest` (e.g. a hashlib.sha256()) is fed the file's bytes as they are read, compressed as they
+    are on disk, so a file that is read for its text is not read a second time for its hash.
+    """
     compression = split_name(path)[2]
-    with open(path, "rb") as raw:
+    with open(path, "rb") as file:
+        raw: Any = file if digest is None else _Hashing(file, digest)
         if compression == ".gz":
             yield from _gunzip(raw, path, chunk_bytes)
         elif compression == ".zst":
@@ -123,12 +144,12 @@ def _zstandard() -> Any:
     return zstandard
 
 
-def read_text(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+def read_text(path: Path, chunk_bytes: int = CHUNK_BYTES, digest: Digest | None = None) -> Iterator[str]:
     """Decoded text of `path`, one chunk at a time, without a leading byte-order mark."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0  # bytes handed to the decoder before the current chunk
     at_start = True
-    for chunk in itertools.chain(read_chunks(path, chunk_bytes), [b""]):  # b"": flush the decoder
+    for chunk in itertools.chain(read_chunks(path, chunk_bytes, digest), [b""]):  # b"": flush the decoder
         held = len(decoder.getstate()[0])  # bytes of a split character from the last chunk
         try:
             text = decoder.decode(chunk, final=not chunk)
@@ -142,10 +163,10 @@ def read_text(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
             yield text
 
 
-def read_lines(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+def read_lines(path: Path, chunk_bytes: int = CHUNK_BYTES, digest: Digest | None = None) -> Iterator[str]:
     """Lines of a text file, each with its "\\n" (the last may have none), one at a time."""
     partial: list[str] = []  # the start of a line that goes on in the next chunk
-    for text in read_text(path, chunk_bytes):
+    for text in read_text(path, chunk_bytes, digest):
         *complete, rest = text.split("\n")
         for line in complete:
             yield "".join(partial) + line + "\n"
@@ -159,19 +180,24 @@ def read_lines(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
 # ---- records: one document per line or row -----------------------------------------------------
 
 
-def read_records(path: Path, text_field: str = "text", text_column: str = "text") -> Iterator[str]:
-    """The text of every record of a JSON-lines, CSV, TSV or Parquet file, in file order."""
+def read_records(
+    path: Path, text_field: str = "text", text_column: str = "text", digest: Digest | None = None
+) -> Iterator[str]:
+    """The text of every record of a JSON-lines, CSV, TSV or Parquet file, in file order.
+
+    `digest` gets the bytes of text formats (Parquet files are read by pyarrow, not hashed here).
+    """
     fmt = file_format(path)
     if fmt == "jsonl":
-        return read_jsonl(path, text_field)
+        return read_jsonl(path, text_field, digest)
     if fmt == "parquet":
         return read_parquet(path, text_column)
-    return read_delimited(path, text_column, "\t" if fmt == "tsv" else ",")
+    return read_delimited(path, text_column, "\t" if fmt == "tsv" else ",", digest)
 
 
-def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+def read_json_lines(path: Path, digest: Digest | None = None) -> Iterator[tuple[int, Any]]:
     """(line number, value) of every non-blank line of a JSON-lines file."""
-    for number, line in enumerate(read_lines(path), 1):
+    for number, line in enumerate(read_lines(path, digest=digest), 1):
         if not line.strip():
             continue
         try:
@@ -181,8 +207,8 @@ def read_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
         yield number, value
 
 
-def read_jsonl(path: Path, field: str) -> Iterator[str]:
-    for number, record in read_json_lines(path):
+def read_jsonl(path: Path, field: str, digest: Digest | None = None) -> Iterator[str]:
+    for number, record in read_json_lines(path, digest):
         if not isinstance(record, dict):
             raise UserError(f"{path} line {number} is not a JSON object")
         if field not in record:
@@ -193,10 +219,10 @@ def read_jsonl(path: Path, field: str) -> Iterator[str]:
         yield _text(record[field], f"{path} line {number}, field {field!r},")
 
 
-def read_delimited(path: Path, column: str, delimiter: str) -> Iterator[str]:
+def read_delimited(path: Path, column: str, delimiter: str, digest: Digest | None = None) -> Iterator[str]:
     """The `column` of a CSV (or, with a TAB delimiter, TSV) file whose first row names the columns."""
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    rows = csv.reader(read_lines(path), delimiter=delimiter)
+    rows = csv.reader(read_lines(path, digest=digest), delimiter=delimiter)
     try:
         header = next(rows, None)
         if header is None:

@@ -11,6 +11,7 @@ marker string inside it is plain text); records whose text is empty or blank are
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from smallgpt.data.readers import (
     CHUNK_BYTES,
     KNOWN_SUFFIXES,
+    Digest,
     file_format,
     list_files,
     read_chunks,
@@ -63,6 +65,7 @@ class Source:
     chunk_bytes: int = CHUNK_BYTES
     text_field: str = "text"  # the document of a JSON-lines record
     text_column: str = "text"  # the document of a CSV/TSV/Parquet row
+    sha256: dict[Path, str] = field(default_factory=dict)  # of the files read to their end so far
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
@@ -91,13 +94,19 @@ class Source:
             raise UserError(f"input {self.origin} contains no text (nothing but whitespace)")
 
     def _file_segments(self, path: Path) -> Iterator[tuple[str, bool]]:
+        digest = hashlib.sha256()
+        yield from self._read_segments(path, digest)
+        if file_format(path) != "parquet":  # pyarrow reads Parquet itself, unhashed
+            self.sha256[path] = digest.hexdigest()
+
+    def _read_segments(self, path: Path, digest: Digest) -> Iterator[tuple[str, bool]]:
         if path.stat().st_size == 0:
             return
         if file_format(path) != "text":
-            records = read_records(path, self.text_field, self.text_column)
+            records = read_records(path, self.text_field, self.text_column, digest)
             yield from ((text, True) for text in records if text.strip())
             return
-        texts = read_text(path, self.chunk_bytes)
+        texts = read_text(path, self.chunk_bytes, digest)
         if self.split_mode == "instruct":
             stories = (_story(doc) for doc in _join(_split_at_markers(texts, self.chunk_bytes)))
             yield from ((story, True) for story in stories if story)

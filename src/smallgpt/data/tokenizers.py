@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from smallgpt.io import atomic_write_json
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
 TOKENIZER_KINDS = ("char", "gpt2", "bpe:N")
-_THREADS = min(os.cpu_count() or 1, 16)
 
 
 class Tokenizer:
@@ -216,21 +214,10 @@ class GPT2Tokenizer(Tokenizer):
         return self._enc.encode_ordinary(text)
 
     def encode_to_array(self, text: str, unknown: str = "error") -> np.ndarray:
-        return np.array(self._enc.encode_ordinary(text), dtype=np.uint32)
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        # tiktoken releases the GIL while encoding. One contiguous shard per thread rather than
-        # tiktoken's one task per text: documents are small and per-task overhead dominates.
-        size = -(-len(texts) // _THREADS) or 1
-        shards = [texts[i : i + size] for i in range(0, len(texts), size)]
-        if len(shards) <= 1:
-            return [self._enc.encode_ordinary(t) for t in texts]
-        with ThreadPoolExecutor(len(shards)) as pool:
-            parts = pool.map(lambda shard: [self._enc.encode_ordinary(t) for t in shard], shards)
-            return [ids for part in parts for ids in part]
-
-    def encode_batch_to_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.array(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
+        # straight into an array, without a Python list; tiktoken releases the GIL meanwhile, so
+        # prepare's threads encode in parallel. disallowed_special=(): "<|endoftext|>" in the text
+        # is plain text, as encode_ordinary has it
+        return self._enc.encode_to_numpy(text, disallowed_special=())
 
     @property
     def ordinary_vocab_size(self) -> int:
@@ -397,6 +384,11 @@ def check_kind(kind: str) -> None:
         close = difflib.get_close_matches(kind, TOKENIZER_KINDS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"unknown tokenizer {kind!r}{hint}; known: {', '.join(TOKENIZER_KINDS)}")
+
+
+def learns_vocabulary(kind: str) -> bool:
+    """Whether a tokenizer kind learns its vocabulary from the corpus (char, bpe:N; not gpt2)."""
+    return kind != "gpt2"
 
 
 def build_tokenizer(kind: str, texts_iter: Iterable[str] | None = None) -> Tokenizer:
