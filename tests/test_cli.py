@@ -12,6 +12,7 @@ from conftest import TINY_TRAINING
 
 from smallgpt.cli import build_parser, main
 from smallgpt.config import Config, field_docs
+from smallgpt.model import quantize
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TINY = ["--block_size=32", *TINY_TRAINING]
@@ -64,6 +65,30 @@ def test_sample_prints_text_like_the_corpus(trained, capsys):
     samples = out.split("---------------")
     assert len(samples) == 3 and samples[0].startswith("ROMEO:")
     assert len(samples[0]) > 20
+
+
+@pytest.mark.parametrize(
+    "flags", [["--dtype", "bfloat16"], ["--quantize", "int8"], ["--dtype", "bfloat16", "--quantize", "int8"]]
+)
+def test_sample_with_lower_precision_weights(trained, capsys, monkeypatch, flags):
+    """--dtype / --quantize go through runs.py's loading path: the sampled text is the corpus's
+    kind, and greedy decoding agrees with fp32's on the first tokens."""
+    monkeypatch.setattr(quantize, "cpu_has_bf16", lambda: True)  # whatever this machine's CPU has
+    _, run = trained
+    texts = []
+    for extra in ([], flags):
+        capsys.readouterr()
+        args = ["sample", "--run", str(run), "--start", "ROMEO:", "--num-samples", "1", "--temperature", "0"]
+        assert main([*args, "--max-new-tokens", "30", *extra]) == 0
+        texts.append(capsys.readouterr().out.split("---------------")[0])
+    assert texts[1].startswith("ROMEO:") and len(texts[1]) > 20
+    assert texts[1][:12] == texts[0][:12]
+
+
+def test_bad_precision_flags_are_user_errors(trained, capsys):
+    _, run = trained
+    assert_user_error(capsys, ["sample", "--run", str(run), "--quantize", "int4"], "quantize must be one of")
+    assert_user_error(capsys, ["sample", "--run", str(run), "--dtype", "float16"], "float16 is for GPUs")
 
 
 def test_sampling_is_reproducible_by_seed(trained, capsys):

@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from smallgpt import decode
 from smallgpt.decode import (
     BatchScheduler,
     DecodeEngine,
@@ -62,8 +63,13 @@ def test_cache_matches_full_recompute_greedy(options):
         assert alone(model, prompt(5, seed), settings) == alone(model, prompt(5, seed), settings, False)
 
 
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("options", POSITIONS)
-def test_batched_greedy_equals_each_request_alone(options):
+def test_batched_greedy_equals_each_request_alone(options, compile, monkeypatch):
+    """compile: the decoding forward runs for all slots at once (fixed shapes, masked attention),
+    traced by torch.compile (its aot_eager backend here: the same graph, no C++ build)."""
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
     model = tiny(**options)
     greedy = SamplingSettings(max_new_tokens=50, temperature=0)
     prompts = [prompt(n, seed) for seed, n in enumerate([3, 17, 1, 30, 8, 12])]
@@ -77,13 +83,19 @@ def test_batched_greedy_equals_each_request_alone(options):
     # 4 slots for 6 requests: some wait for a slot, some join mid-decode, rows pass block_size
     joining = {0: [(prompts[0], settings[0]), (prompts[1], settings[1])], 3: [(prompts[2], settings[2])]}
     joining[9] = [(p, s) for p, s in zip(prompts[3:], settings[3:])]
-    engine = DecodeEngine(model, max_batch=4)
+    engine = DecodeEngine(model, max_batch=4, compile=compile)
     tokens, reasons = run_batched(engine, joining)
+    assert (engine.decode_all is not None) == compile
     assert tokens == expected
     assert reasons == ["length", "length", "stop", "length", "length", "length"]
     assert len(prompts[3]) + len(tokens[3]) > 2 * BLOCK  # this row slid past block_size, twice
     assert engine.stats.max_batch_size == 4 and engine.stats.tokens == sum(map(len, tokens))
     assert not engine.busy and engine.free_slots == 4
+
+
+def test_compile_needs_the_cache():
+    with pytest.raises(UserError, match="needs the cache"):
+        DecodeEngine(tiny(), use_cache=False, compile=True)
 
 
 def test_per_row_settings_and_seeds_in_one_batch():

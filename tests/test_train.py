@@ -11,7 +11,7 @@ from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train import checkpoint
 from smallgpt.train.run import train
 from smallgpt.train.schedule import LRSchedule, lr_at
-from smallgpt.train.trainer import peak_flops
+from smallgpt.train.trainer import Trainer, autocast_dtype, peak_flops
 
 TINY = ["--block_size=32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=4"]
 QUIET = ["--progress=false", "--device=cpu"]
@@ -197,3 +197,34 @@ def test_peak_flops_by_device_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0)) == peak
     assert peak_flops(torch.device("cpu")) is None
+
+
+def test_cpu_bfloat16_rounds_only_matmul_inputs_while_training(char_data, tmp_path, monkeypatch):
+    """dtype bfloat16 on a CPU: weights stay fp32, matmuls run in bf16 during training (steps and
+    evaluations), and the process is back to full-precision matmuls afterwards."""
+    seen = []
+    step = Trainer.train_step
+
+    def spy(self):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    metrics = run(
+        char_data,
+        tmp_path / "run",
+        "--max_iters=60",
+        "--eval_interval=30",
+        "--learning_rate=3e-3",
+        "--dtype=bfloat16",
+    )
+    assert set(seen) == {"bf16"} and len(seen) == 60
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"
+    assert metrics["val_loss"] < 3.3  # as the fp32 run of test_training_lowers_loss_and_writes_the_run
+    weights = checkpoint.load_model(tmp_path / "run" / "ckpt" / "last", torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in weights.parameters())
+
+
+def test_cpu_trains_in_float32_unless_asked():
+    assert autocast_dtype("auto", torch.device("cpu")) == torch.float32
+    assert autocast_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16

@@ -61,7 +61,8 @@ class TrainConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps"""
     dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16 (auto: bfloat16 on capable GPUs, float32 on CPU)"""
+    """auto | float32 | bfloat16 | float16 (auto: bfloat16 on capable GPUs, float32 on CPU; bfloat16 on
+    a CPU: matmuls in bf16, everything else fp32, fast on CPUs with AMX)"""
     compile: bool = False
     """torch.compile the model"""
     backend: str = "auto"

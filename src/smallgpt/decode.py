@@ -29,6 +29,7 @@ from smallgpt.errors import UserError
 from smallgpt.model.gpt import GPT, KVCache
 
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # why a request ended
+COMPILE_BACKEND = "inductor"  # torch.compile's; tests use a faster one
 
 
 @dataclass(frozen=True)
@@ -95,17 +96,24 @@ class DecodeEngine:
     """Batched decoding over a fixed number of slots; not thread-safe (BatchScheduler is).
 
     use_cache=False recomputes each row's whole context every step (nanoGPT's algorithm: the
-    reference the cache must match, and the speed baseline).
+    reference the cache must match, and the speed baseline). compile=True runs the decoding forward
+    through torch.compile, for all max_batch slots at once (fixed shapes: one compilation); the
+    first step compiles it (~10 s on 2 idle cores), later ones skip most of eager PyTorch's
+    per-operation overhead, which is most of a small model's time per token.
     """
 
-    def __init__(self, model: GPT, max_batch: int = 8, use_cache: bool = True):
+    def __init__(self, model: GPT, max_batch: int = 8, use_cache: bool = True, compile: bool = False):
         if max_batch <= 0:
             raise UserError(f"max_batch must be positive, got {max_batch}")
+        if compile and not use_cache:
+            raise UserError("compile speeds up the KV-cached decoding step: it needs the cache")
         self.model, self.max_batch = model, max_batch
         self.block_size, self.vocab_size = model.config.block_size, model.config.vocab_size
-        self.device = model.lm_head.weight.device
-        dtype = model.lm_head.weight.dtype
+        self.device, dtype = model.activations
         self.cache = KVCache(model.config, max_batch, self.device, dtype) if use_cache else None
+        self.decode_all = None
+        if compile:
+            self.decode_all = torch.compile(_decode_all_slots, backend=COMPILE_BACKEND, dynamic=False)
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()  # added, joining at the next step with a free slot
         self.stats = EngineStats()
@@ -210,7 +218,9 @@ class DecodeEngine:
         if len(continuing) == len(rows):
             return self._forward(rows, 1)  # the usual step: every row adds its last token
         by_slot = {}
-        if continuing:
+        if continuing and self.decode_all is not None:
+            by_slot = self._decode_all_slots(continuing)
+        elif continuing:
             by_slot = dict(zip([slot for slot, _ in continuing], self._forward(continuing, 1)))
         for slot, request in rows:
             if slot not in by_slot:
@@ -228,6 +238,19 @@ class DecodeEngine:
         cache = self.cache.select([slot for slot, _ in rows]) if self.cache is not None else None
         logits, _ = self.model(idx, kv_cache=cache)  # (B, 1, vocab)
         return logits[:, -1, :].float()
+
+    def _decode_all_slots(self, continuing: list[tuple[int, Request]]) -> dict[int, torch.Tensor]:
+        """The compiled step: every slot decodes one token; the logits of the continuing rows."""
+        assert self.cache is not None and self.decode_all is not None
+        lengths, last = self.cache.lengths, self.block_size - 1
+        ids, positions = [0] * self.max_batch, [min(n, last) for n in lengths]  # idle slots: harmless
+        for slot, request in continuing:
+            ids[slot] = request.context[-1]
+        idx = torch.tensor(ids, device=self.device)[:, None]  # (S, 1)
+        logits = self.decode_all(self.model, self.cache, idx, torch.tensor(positions, device=self.device))
+        for slot, _ in continuing:
+            lengths[slot] += 1
+        return {slot: logits[slot] for slot, _ in continuing}
 
     def _pick(self, request: Request, logits: torch.Tensor) -> torch.Tensor:
         """The request's next token id (1,) from its logits (1, vocab), with its own settings."""
@@ -250,6 +273,34 @@ class DecodeEngine:
             self.slots[slot] = None
             request.slot = None
         return Event(request, token_id, request.finish_reason)
+
+
+class AllSlots(KVCache):
+    """Every slot of a KV cache at once, one new token each, slot i's at positions[i]; attention
+    spans the whole block, masked past each slot's position. Shapes never change from one step to
+    the next, which is what a compiled decode step (torch.compile) needs. Slots without a request
+    just compute a token nobody reads; the caller advances `lengths` of the slots that decode.
+    """
+
+    def __init__(self, cache: KVCache, positions: torch.Tensor):  # shares the cache's tensors
+        self.keys, self.values, self.block_size = cache.keys, cache.values, cache.block_size
+        self.positions = positions  # (S,)
+        self.slots = torch.arange(len(positions), device=positions.device)
+
+    def append(self, new: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        visible = torch.arange(self.block_size, device=self.positions.device) <= self.positions[:, None]
+        return self.positions[:, None], visible[:, None, None, :]  # (S, 1), (S, 1, 1, block)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[layer][self.slots, :, self.positions] = k[:, :, 0]  # (S, nh, hs) at each position
+        self.values[layer][self.slots, :, self.positions] = v[:, :, 0]
+        return self.keys[layer], self.values[layer]  # (S, nh, block, hs)
+
+
+def _decode_all_slots(model: GPT, cache: KVCache, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits (S, vocab) of one new token per cache slot (idx (S, 1) at positions (S,))."""
+    logits, _ = model(idx, kv_cache=AllSlots(cache, positions))
+    return logits[:, -1, :].float()
 
 
 def penalize_repeats(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -14,6 +14,7 @@ from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
 from smallgpt.errors import UserError
 from smallgpt.io import resolve_dir
 from smallgpt.model.gpt import GPT
+from smallgpt.model.quantize import for_inference
 from smallgpt.train import checkpoint
 
 CHECKPOINTS = ("best", "last")  # ckpt/best: lowest validation loss; ckpt/last: the latest evaluation
@@ -42,23 +43,41 @@ def run_tokenizer(run_dir: str | Path, ckpt: Path) -> Tokenizer:
     return tokenizer
 
 
-def load_run(run_dir: str | Path, device: torch.device, which: str = "best") -> tuple[GPT, Tokenizer]:
-    """The model of a run's checkpoint (in eval mode) and the tokenizer it was trained with."""
+def load_run(
+    run_dir: str | Path,
+    device: torch.device,
+    which: str = "best",
+    dtype: str = "float32",
+    quantize: str = "none",
+) -> tuple[GPT, Tokenizer]:
+    """The model of a run's checkpoint (in eval mode) and the tokenizer it was trained with.
+
+    dtype (float32 | bfloat16 | float16) and quantize (none | int8) are for inference only, see
+    model/quantize.py; a model loaded to be trained further keeps the defaults.
+    """
     ckpt = find_checkpoint(run_dir, which)
     tokenizer = run_tokenizer(run_dir, ckpt)
     model = checkpoint.load_model(ckpt, device)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"checkpoint {ckpt} has fewer token ids than {run_dir}/tokenizer.json")
-    return model, tokenizer
+    return for_inference(model, dtype, quantize), tokenizer
 
 
-def load_source(run: str, init_from: str, which: str, device: torch.device) -> tuple[GPT, Tokenizer]:
-    """A run's checkpoint (`--run`), or Hugging Face weights such as OpenAI's GPT-2 (`--init-from`)."""
+def load_source(
+    run: str,
+    init_from: str,
+    which: str,
+    device: torch.device,
+    dtype: str = "float32",
+    quantize: str = "none",
+) -> tuple[GPT, Tokenizer]:
+    """A run's checkpoint (`--run`), or Hugging Face weights such as OpenAI's GPT-2 (`--init-from`),
+    in `dtype` and optionally with int8 weights (`quantize`)."""
     if bool(run) == bool(init_from):
         raise UserError("pass either --run DIR or --init-from (gpt2, ..., gpt2-xl or a Hugging Face folder)")
     if run:
-        return load_run(run, device, which)
+        return load_run(run, device, which, dtype, quantize)
     from smallgpt.model import hf  # conversion code only when asked for
 
     pretrained = hf.open_pretrained(init_from)
-    return pretrained.model().to(device).eval(), pretrained.tokenizer
+    return for_inference(pretrained.model().to(device), dtype, quantize), pretrained.tokenizer

@@ -11,11 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from smallgpt.device import cpu_bf16_matmuls, cpu_matmul_precision
 from smallgpt.errors import UserError
 
 
@@ -176,6 +179,50 @@ class KVCache:
         return self.keys[layer][rows, :, :end], self.values[layer][rows, :, :end]
 
 
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Scaled dot-product attention (B, nh, T, hs); in full fp32 on a CPU whose other matmuls run
+    in bf16 (training's dtype bfloat16 there): torch's CPU attention kernels are several times
+    slower with bf16 matmuls, while the model's Linear layers are several times faster."""
+    sdpa = partial(
+        F.scaled_dot_product_attention, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
+    )
+    if not torch.compiler.is_compiling() and q.device.type == "cpu" and cpu_bf16_matmuls():
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _FullPrecisionAttention.apply(q, k, v, sdpa)
+        with cpu_matmul_precision("ieee"):
+            return sdpa(q, k, v)
+    return sdpa(q, k, v)
+
+
+class _FullPrecisionAttention(torch.autograd.Function):
+    """Attention whose forward and backward both run with full-precision CPU matmuls: the forward
+    builds its own small graph, and the backward differentiates it under the same precision."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sdpa):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+        with torch.enable_grad(), cpu_matmul_precision("ieee"):
+            out = sdpa(*inputs)
+        ctx.inputs, ctx.out = inputs, out
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        needed = [t for t in ctx.inputs if t.requires_grad]
+        with cpu_matmul_precision("ieee"):
+            grads = iter(torch.autograd.grad(ctx.out, needed, grad))
+        input_grads = [next(grads) if t.requires_grad else None for t in ctx.inputs]
+        ctx.inputs = ctx.out = None  # free the inner graph
+        return (*input_grads, None)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -206,11 +253,11 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # (B, nh, end, hs)
-        y = F.scaled_dot_product_attention(
+        y = attention(
             q,
             k,
             v,
-            attn_mask=attn_mask,
+            attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             # no mask: causal when all keys are new, else (one new token per row) it sees them all
             is_causal=attn_mask is None and T > 1 and k.size(2) == T,
@@ -286,6 +333,13 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def activations(self) -> tuple[torch.device, torch.dtype]:
+        """Where the model computes, and in which dtype: its token embedding's (a head quantized to
+        int8 has weights of its own dtype)."""
+        weight = cast(nn.Embedding, self.transformer.wte).weight
+        return weight.device, weight.dtype
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; position embeddings are left out by default, as in nanoGPT."""
