@@ -127,7 +127,7 @@ def compare(args: argparse.Namespace, data: Path, overrides: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--config", default="configs/nanogpt_cpu_quickstart.yaml")
     parser.add_argument("--input", default=str(SHARED_DATA / "tinyshakespeare" / "input.txt"))
     parser.add_argument("--data", default=None, help="prepared data folder (default: a temp folder)")

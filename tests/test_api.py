@@ -14,11 +14,13 @@ import pytest
 from test_cli import smallgpt as run_cli
 
 import smallgpt
+from smallgpt import decode
 from smallgpt.chat.repl import ChatArgs
 from smallgpt.cli import main
 from smallgpt.errors import UserError
 from smallgpt.evaluate import EvalArgs, run_eval
 from smallgpt.generate import ContinueArgs
+from smallgpt.model.quantize import Int8Linear
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(block_size=32, n_layer=2, n_head=2, n_embd=32, batch_size=4, eval_iters=2, learning_rate=3e-3)
@@ -78,6 +80,19 @@ def test_generate_is_the_sample_verb(text_run):
     assert sample.stdout == f"ROMEO:{text}\n---------------\n"  # same defaults, same path, same text
     pieces = list(m.stream("ROMEO:", max_new_tokens=40, seed=7))
     assert len(pieces) > 1 and "".join(pieces) == text
+
+
+def test_precision_and_compile_options_are_the_sample_flags(text_run, monkeypatch):
+    """load(dtype, quantize, compile) gives sample's model and engine: the same greedy text as the
+    CLI with --quantize int8 --compile (torch.compile's aot_eager backend here, no C++ build)."""
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "aot_eager")
+    m = smallgpt.load(text_run, device="cpu", quantize="int8", compile=True)
+    assert isinstance(m.model.lm_head, Int8Linear)
+    text = m.generate("ROMEO:", max_new_tokens=20, temperature=0)
+    plain = smallgpt.load(text_run, device="cpu", quantize="int8").generate(
+        "ROMEO:", max_new_tokens=20, temperature=0
+    )
+    assert text == plain and len(text) == 20
 
 
 def test_score_is_the_eval_verb(text_run, tmp_path):

@@ -15,6 +15,7 @@ from smallgpt.config import load_config
 from smallgpt.data.tokenizers import CharTokenizer
 from smallgpt.evaluate import EvalArgs, run_eval, score_documents, windows
 from smallgpt.experiments.metrics import events
+from smallgpt.model import quantize as quantize_module
 from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.runs import load_run
@@ -92,6 +93,23 @@ def test_eval_loss_on_the_val_split_matches_training_val_loss(char_run, tmp_path
             x = x[:, : y.size(1)]
             total += lm_loss(model, (x, y, None)).item() * y.size(1)
     assert result.score.nats == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype, quantize, tolerance", [("bfloat16", "none", 0.01), ("float32", "int8", 0.02)]
+)
+def test_lower_precision_scores_close_to_float32(char_run, tmp_path, monkeypatch, dtype, quantize, tolerance):
+    """--dtype / --quantize load through runs.py: bits per byte within 1% (bf16) / 2% (int8) of fp32."""
+    monkeypatch.setattr(quantize_module, "cpu_has_bf16", lambda: True)  # whatever this CPU has
+    data, run = char_run
+    text, _ = val_text(data, run)
+    (tmp_path / "val.txt").write_text(text, encoding="utf-8")
+    args = EvalArgs(run=[str(run)], input=[str(tmp_path / "val.txt")], checkpoint="last", device="cpu")
+    [full] = run_eval(args)
+    [low] = run_eval(dataclasses.replace(args, dtype=dtype, quantize=quantize))
+    assert low.score.tokens == full.score.tokens
+    assert low.score.bits_per_byte == pytest.approx(full.score.bits_per_byte, rel=tolerance)
+    assert low.score.bits_per_byte != full.score.bits_per_byte  # it did run in the other precision
 
 
 @pytest.mark.parametrize("n, block, stride", [(10, 4, 2), (10, 4, 4), (3, 4, 1), (100, 32, 7), (33, 32, 32)])

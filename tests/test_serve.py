@@ -206,6 +206,25 @@ def test_api_key_and_full_queue(tmp_path, lm_run):
     assert "Traceback" not in server.output()
 
 
+def test_serve_loads_models_with_the_precision_flags(lm_run):
+    import torch
+
+    from smallgpt.model.quantize import Int8Linear
+    from smallgpt.runs import Precision
+    from smallgpt.serve.models import Sampling, load_models
+
+    models = load_models([str(lm_run)], "", "best", torch.device("cpu"), 2, 2, Precision(quantize="int8"))
+    try:
+        [served] = models.values()
+        assert isinstance(served.model.lm_head, Int8Linear)
+        assert (
+            len(served.complete(served.encode("ROMEO:"), Sampling(max_tokens=5, temperature=0)).text()) == 5
+        )
+    finally:
+        for served in models.values():
+            served.scheduler.stop()
+
+
 def test_init_from_serves_a_transformers_folder_named_after_it(lm_run, tmp_path):
     import torch
 
@@ -216,6 +235,7 @@ def test_init_from_serves_a_transformers_folder_named_after_it(lm_run, tmp_path)
     models = load_models([str(lm_run)], str(exported), "best", torch.device("cpu"), 2, 2)
     try:
         assert list(models) == [lm_run.name, "exported"]
+        assert all(isinstance(m.model.lm_head, torch.nn.Linear) for m in models.values())
         texts = [
             m.complete(m.encode("ROMEO:"), Sampling(max_tokens=20, temperature=0)).text()
             for m in models.values()

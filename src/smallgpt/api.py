@@ -162,19 +162,34 @@ class Model:
         return reply
 
 
-def load(source: str | Path, checkpoint: str = "best", device: str = "auto") -> Model:
+def load(
+    source: str | Path,
+    checkpoint: str = "best",
+    device: str = "auto",
+    dtype: str = "float32",
+    quantize: str = "none",
+    compile: bool = False,
+) -> Model:
     """A model to generate with, score texts with or chat with.
 
     source: a run folder (made by `smallgpt train`), a Hugging Face folder (config.json and
     model.safetensors) or a hub name: gpt2, gpt2-medium, gpt2-large, gpt2-xl. checkpoint: a run's
-    best (lowest val loss) or last. device: auto, cpu, cuda, cuda:N or mps.
+    best (lowest val loss) or last. device: auto, cpu, cuda, cuda:N or mps. dtype (float32,
+    bfloat16, float16), quantize (none, int8) and compile: as `smallgpt sample`'s flags.
     """
     from smallgpt.generate import Generator, SamplingOptions
     from smallgpt.model.hub import HUB_MODELS
 
     source = str(source)
     hugging_face = source in HUB_MODELS or (Path(source) / "config.json").is_file()
-    options = SamplingOptions(checkpoint=checkpoint, device=device, init_from=source if hugging_face else "")
+    options = SamplingOptions(
+        checkpoint=checkpoint,
+        device=device,
+        init_from=source if hugging_face else "",
+        dtype=dtype,
+        quantize=quantize,
+        compile=compile,
+    )
     return Model(Generator("" if hugging_face else source, options), source)
 
 

@@ -215,7 +215,7 @@ class DecodeEngine:
             return torch.cat([self._forward([row], self.block_size) for row in rows])
         lengths = self.cache.lengths
         continuing = [row for row in rows if 0 < lengths[row[0]] < self.block_size]
-        if len(continuing) == len(rows):
+        if len(continuing) == len(rows) and self.decode_all is None:
             return self._forward(rows, 1)  # the usual step: every row adds its last token
         by_slot = {}
         if continuing and self.decode_all is not None:

@@ -32,7 +32,7 @@ from smallgpt.errors import UserError
 from smallgpt.io import atomic_write_json
 from smallgpt.model.gpt import GPT
 from smallgpt.progress import progress_bar
-from smallgpt.runs import load_source
+from smallgpt.runs import Precision, load_source
 
 
 @dataclass
@@ -160,7 +160,7 @@ def score_documents(
 
 
 @dataclass
-class EvalArgs(ReadOptions):
+class EvalArgs(ReadOptions, Precision):
     run: list[str] = field(
         default_factory=list, metadata={"help": "a run folder made by smallgpt train (repeat for several)"}
     )
@@ -228,7 +228,7 @@ def run_eval(args: EvalArgs, out: TextIO | None = None) -> list[Result]:
     models = [(run, "") for run in args.run] + [("", name) for name in args.init_from]
     results = []
     for run, init_from in models:
-        model, tokenizer = load_source(run, init_from, args.checkpoint, device)
+        model, tokenizer = load_source(run, init_from, args.checkpoint, device, args.dtype, args.quantize)
         name = run or init_from
         stride = default_stride(model.config.block_size) if args.stride is None else args.stride
         for path, documents in inputs.items():

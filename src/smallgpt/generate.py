@@ -14,7 +14,7 @@ from smallgpt.decode import DecodeEngine, SamplingSettings
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
 from smallgpt.io import read_user_text
-from smallgpt.runs import load_source
+from smallgpt.runs import Precision, load_source
 
 
 class StreamDecoder:
@@ -39,7 +39,7 @@ class StreamDecoder:
 
 
 @dataclass
-class SamplingOptions:
+class SamplingOptions(Precision):
     max_new_tokens: int = field(default=500, metadata={"help": "tokens to generate per sample"})
     temperature: float = field(
         default=0.8,
@@ -61,14 +61,6 @@ class SamplingOptions:
     kv_cache: bool = field(
         default=True,
         metadata={"help": "reuse past keys/values (faster; --no-kv-cache to turn off)"},
-    )
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "float32 | bfloat16 (CPUs with AVX512-BF16 or AMX, GPUs) | float16 (GPUs)"},
-    )
-    quantize: str = field(
-        default="none",
-        metadata={"help": "none | int8: int8 weights per output channel (faster decoding on a CPU)"},
     )
     compile: bool = field(
         default=False,

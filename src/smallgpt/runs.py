@@ -6,6 +6,7 @@ export, serve and the Python API. It sits above train/ (it reads train's checkpo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +18,22 @@ from smallgpt.model.gpt import GPT
 from smallgpt.model.quantize import for_inference
 from smallgpt.train import checkpoint
 
-CHECKPOINTS = ("best", "last")  # ckpt/best: lowest validation loss; ckpt/last: the latest evaluation
+CHECKPOINTS = ("best", "last")
+
+
+@dataclass
+class Precision:
+    """How a loaded model computes: the flags of every front-end that loads one for inference
+    (sample, continue, chat, eval, serve); see model/quantize.py."""
+
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "float32 | bfloat16 (CPUs with AVX512-BF16 or AMX, GPUs) | float16 (GPUs)"},
+    )
+    quantize: str = field(
+        default="none",
+        metadata={"help": "none | int8: int8 weights, one scale per output channel (fastest on a CPU)"},
+    )  # ckpt/best: lowest validation loss; ckpt/last: the latest evaluation
 
 
 def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:

@@ -278,7 +278,10 @@ class BPETokenizer(Tokenizer):
         return np.array(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
 
     def encode_batch_to_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        encodings = self._hf.encode_batch(texts, add_special_tokens=False)  # parallel, in Rust
+        # parallel, in Rust; encode_batch_fast (tokenizers >= 0.20) skips the character offsets we
+        # never read: 1.75x as fast on 20 MB of stories, and far less memory
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        encodings = encode(texts, add_special_tokens=False)
         return [np.array(e.ids, dtype=np.uint32) for e in encodings]
 
     @property
@@ -355,13 +358,18 @@ def _gpt2_encoding():
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(data / "vocab.bpe"), encoder_json_file=str(data / "encoder.json")
     )
-    return tiktoken.Encoding(
+    encoding = tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,
         mergeable_ranks=ranks,
         special_tokens={EOT: 50256},
         explicit_n_vocab=50257,
     )
+    # Encode once on the loading thread. When the first encode ran on one of prepare's worker
+    # threads instead, two workers were no faster than one (tiktoken 0.14, measured; its regex seems
+    # to favour the first thread that used it); after this, two workers encode 1.6x as fast.
+    encoding.encode_ordinary("warm-up")
+    return encoding
 
 
 def _codepoints(text: str) -> np.ndarray:

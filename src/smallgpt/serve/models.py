@@ -19,7 +19,7 @@ from smallgpt.decode import CANCELLED, BatchScheduler, DecodeEngine, SamplingSet
 from smallgpt.errors import UserError
 from smallgpt.generate import StreamDecoder
 from smallgpt.model.gpt import GPT
-from smallgpt.runs import load_source
+from smallgpt.runs import Precision, load_source
 
 ROLES = {"user": USER, "assistant": BOT}  # OpenAI's message roles -> the chat format's turns
 
@@ -199,8 +199,16 @@ def model_name(source: str) -> str:
 
 
 def load_models(
-    runs: Sequence[str], init_from: str, which: str, device: torch.device, max_batch: int, max_queue: int
+    runs: Sequence[str],
+    init_from: str,
+    which: str,
+    device: torch.device,
+    max_batch: int,
+    max_queue: int,
+    precision: Precision | None = None,
+    compile: bool = False,
 ) -> dict[str, ServedModel]:
+    precision = precision or Precision()
     sources = [(run, "") for run in runs] + ([("", init_from)] if init_from else [])
     if not sources:
         raise UserError("pass at least one --run DIR (or --init-from)")
@@ -209,8 +217,7 @@ def load_models(
         name = model_name(run or hf)
         if name in models:
             raise UserError(f"two models would be named {name!r}: serve runs whose folders differ in name")
-        model, tokenizer = load_source(run, hf, which, device)
-        models[name] = ServedModel(
-            name, model, tokenizer, BatchScheduler(DecodeEngine(model, max_batch), max_queue)
-        )
+        model, tokenizer = load_source(run, hf, which, device, precision.dtype, precision.quantize)
+        engine = DecodeEngine(model, max_batch, compile=compile)
+        models[name] = ServedModel(name, model, tokenizer, BatchScheduler(engine, max_queue))
     return models
