@@ -1,22 +1,26 @@
-"""The seed's classification ablation on Chinese review sentiment, beside a TF-IDF baseline.
+"""The seed's classification ablation on Chinese review sentiment, beside tuned TF-IDF baselines.
 
-1. Pre-train a small char GPT (RoPE, RMSNorm, SwiGLU) on CPU on the shared Chinese text: THUCNews
-   articles (text column), 西游记, and the sentiment reviews' text without their labels, the
-   reviews weighted 3x (--review-repeats) as the domain the classifier works in.
-2. Sample a seeded, class-balanced labelled set from sentiment_zh/{pos,neg}.txt (train, val and a
+1. Sample a seeded, class-balanced labelled set from sentiment_zh/{pos,neg}.txt (train, val and a
    test split kept apart) and write it as CSVs. Half the lines of those files are repeats (16,548
    positive lines hold 8,379 distinct reviews, 18,576 negative ones 9,079, and 47 reviews are in
    both): each review is kept once and the 47 contradictory ones are dropped, so no test review is
    also a training review.
-3. `smallgpt classify ablate`: the seed's three variants (no mask & full, mask & full, mask & frozen),
-   with length-grouped batches (--group-by-length: ~3x faster steps on CPU) and GPT-1's auxiliary
-   next-token loss (--lm-loss-weight 0.5).
-4. TF-IDF over character 1-3-grams + logistic regression (scikit-learn, `pip install smallgpt[bench]`)
-   trained on the same train split and scored on the same test split.
-Prints Markdown tables, then an exact McNemar test of the best variant against the baseline on the
-same test texts.
+2. Pre-train a small char GPT (RoPE, RMSNorm, SwiGLU) on CPU on the shared Chinese text: THUCNews
+   articles (text column), 西游记, and the reviews' text without labels, weighted 3x
+   (--review-repeats) as the domain the classifier works in. The val and test reviews are left out.
+3. Domain adaptation (--adapt-iters, as `classify train --adapt-iters`): more next-token training on
+   the labelled training texts alone.
+4. `smallgpt classify ablate` from the adapted backbone for each fine-tuning seed (--seeds): the
+   seed's three variants (no mask & full, mask & full, mask & frozen), length-grouped batches and
+   GPT-1's auxiliary next-token loss (--lm-loss-weight 0.5); then the best variant from the backbone
+   before adaptation, to show what adaptation buys.
+5. TF-IDF + logistic regression (scikit-learn, `pip install smallgpt[bench]`) on the same splits, with
+   default settings and tuned on val over C x char n-gram range x sublinear tf.
+Prints Markdown tables (mean ± std over the seeds, macro-F1, times), the best variant's margin over
+the tuned baseline, and an exact McNemar test against it per seed on the same test texts. Runs and
+results are kept in --work; a second call reuses what is there.
 
-    python benchmarks/classify_sentiment.py   # defaults: the README's run (pre-training 4500 s, block 256)
+    python benchmarks/classify_sentiment.py --work /tmp/cls   # defaults: pre-training 4500 s, block 256
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import math
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -40,12 +47,16 @@ def read_lines(path: Path) -> list[str]:
     return list(dict.fromkeys(line for line in lines if line))
 
 
-def write_pretraining_corpus(data: Path, out: Path, review_repeats: int, chunk: int = 2000) -> None:
-    """One .txt of <|endoftext|>-separated documents: news articles, novel chunks, reviews."""
+def write_pretraining_corpus(
+    data: Path, out: Path, review_repeats: int, held_out: set[str], chunk: int = 2000
+) -> None:
+    """One .txt of <|endoftext|>-separated documents: news articles, novel chunks, and the reviews
+    that are not in `held_out` (the val and test texts: the backbone never reads them)."""
     news = [line.split("\t", 1)[1] for line in read_lines(data / "chinese_news" / "cnews.sample1000.txt")]
     novel = (data / "chinese_novel" / "xiyouji.txt").read_text(encoding="utf-8-sig")
     chunks = [novel[i : i + chunk] for i in range(0, len(novel), chunk)]
     reviews = read_lines(data / "sentiment_zh" / "pos.txt") + read_lines(data / "sentiment_zh" / "neg.txt")
+    reviews = [text for text in dict.fromkeys(reviews) if text not in held_out]
     rng = random.Random(0)
     groups = []
     # Reviews in groups of 20, so documents are long enough to fill a training window. A group is
@@ -111,34 +122,63 @@ def pretrain(corpus: Path, work: Path, args: argparse.Namespace) -> tuple[Path, 
     return run, seconds
 
 
-def tfidf_baseline(splits: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
+def tfidf_baselines(splits: dict[str, list[tuple[str, str]]]) -> list[dict]:
+    """TF-IDF + logistic regression twice: with default settings (char 1-3-grams, raw tf, C=1), and
+    tuned on the validation split only over C x n-gram range x sublinear tf."""
     try:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
         from sklearn.metrics import accuracy_score, f1_score
     except ImportError:
         raise SystemExit("the baseline needs scikit-learn: pip install smallgpt[bench]") from None
-    start = time.perf_counter()
-    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True, min_df=2)
-    train_x = vectorizer.fit_transform([t for _, t in splits["train"]])
-    train_y = [label for label, _ in splits["train"]]
-    # C picked on the validation split, as the GPT picks its checkpoint there
-    best = None
-    for c in (0.3, 1.0, 3.0, 10.0, 30.0):
-        model = LogisticRegression(C=c, max_iter=2000).fit(train_x, train_y)
-        val = accuracy_score(
-            [y for y, _ in splits["val"]], model.predict(vectorizer.transform([t for _, t in splits["val"]]))
+    texts = {split: [t for _, t in rows] for split, rows in splits.items()}
+    truth = {split: [label for label, _ in rows] for split, rows in splits.items()}
+
+    def fit(ngrams: int, sublinear: bool, c: float) -> tuple[float, Any, Any]:
+        vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, ngrams), sublinear_tf=sublinear)
+        model = LogisticRegression(C=c, max_iter=3000).fit(
+            vectorizer.fit_transform(texts["train"]), truth["train"]
         )
-        if best is None or val > best[0]:
-            best = (val, model)
-    predicted = best[1].predict(vectorizer.transform([t for _, t in splits["test"]]))
-    truth = [label for label, _ in splits["test"]]
-    return {
-        "accuracy": accuracy_score(truth, predicted),
-        "macro_f1": f1_score(truth, predicted, average="macro"),
-        "seconds": time.perf_counter() - start,
-        "predicted": list(predicted),
-    }
+        return (
+            accuracy_score(truth["val"], model.predict(vectorizer.transform(texts["val"]))),
+            vectorizer,
+            model,
+        )
+
+    def row(name: str, setting: str, vectorizer: Any, model: Any, seconds: float) -> dict:
+        predicted = list(model.predict(vectorizer.transform(texts["test"])))
+        return {
+            "name": name, "setting": setting, "seconds": seconds, "predicted": predicted,
+            "accuracy": accuracy_score(truth["test"], predicted),
+            "macro_f1": f1_score(truth["test"], predicted, average="macro"),
+        }  # fmt: skip
+
+    start = time.perf_counter()
+    _, vectorizer, model = fit(3, False, 1.0)
+    rows = [
+        row(
+            "TF-IDF + LR, default settings",
+            "char 1-3-grams, raw tf, C=1",
+            vectorizer,
+            model,
+            time.perf_counter() - start,
+        )
+    ]
+    start, best = time.perf_counter(), None
+    for ngrams in (2, 3, 4):
+        for sublinear in (False, True):
+            for c in (0.3, 1.0, 3.0, 10.0, 30.0):
+                val, vectorizer, model = fit(ngrams, sublinear, c)
+                if best is None or val > best[0]:
+                    setting = f"char 1-{ngrams}-grams, {'sublinear' if sublinear else 'raw'} tf, C={c:g}"
+                    best = (val, setting, vectorizer, model)
+    assert best is not None
+    val, setting, vectorizer, model = best
+    tuned = row(
+        "TF-IDF + LR, tuned on val (30 settings)", f"{setting} (val {100 * val:.1f}%)", vectorizer, model, 0
+    )
+    tuned["seconds"] = time.perf_counter() - start
+    return rows + [tuned]
 
 
 def classifier_predictions(run_dir: Path, texts: list[str]) -> list[str]:
@@ -164,6 +204,132 @@ def mcnemar(truth: list[str], a: list[str], b: list[str]) -> tuple[int, int, flo
     return only_a, only_b, min(1.0, 2 * tail)
 
 
+def mean_of(rows: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in rows)
+
+
+def mean_std(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.2f} ± {100 * spread:.2f}%"
+
+
+def fine_tuning(args: argparse.Namespace, work: Path, backbone: Path) -> dict[str, Any]:
+    """The classify flags every fine-tuning run here shares."""
+    return dict(
+        data=str(work / "train.csv"), val_data=str(work / "val.csv"), test_data=str(work / "test.csv"),
+        init_from=str(backbone), text_column="review", pooling=args.pooling, epochs=args.epochs,
+        learning_rate=args.learning_rate, lm_loss_weight=args.lm_loss_weight, group_by_length=True,
+        progress=False, device="cpu",
+    )  # fmt: skip
+
+
+def fine_tune_rows(args: argparse.Namespace, work: Path, backbone: Path, seeds: list[int]) -> list[dict]:
+    """The seed's three variants for every fine-tuning seed (split and backbone fixed); a seed whose
+    ablation.json exists is read back, so a stopped benchmark picks up where it was."""
+    from smallgpt.classify.train import ClassifyAblateArgs, run_ablate
+
+    rows = []
+    for seed in seeds:
+        out = work / "ablate" / f"seed{seed}"
+        if (out / "ablation.json").is_file():
+            rows += [{**r, "seed": seed} for r in json.loads((out / "ablation.json").read_text())]
+            continue
+        ablation = run_ablate(
+            ClassifyAblateArgs(
+                **fine_tuning(args, work, backbone), out_dir=str(out), seed=seed,
+            )
+        )  # fmt: skip
+        rows += [{**r, "seed": seed} for r in ablation]
+    return rows
+
+
+def plain_rows(args: argparse.Namespace, work: Path, pretrained: Path, seeds: list[int]) -> list[dict]:
+    """No mask, full fine-tuning from the backbone before adaptation: what adaptation buys."""
+    from smallgpt.classify.train import ClassifyTrainArgs, train_classifier
+
+    rows = []
+    for seed in seeds:
+        out = work / "plain" / f"seed{seed}"
+        if (out / "eval.json").is_file():
+            result = json.loads((out / "eval.json").read_text())
+        else:
+            result = train_classifier(
+                ClassifyTrainArgs(
+                    **fine_tuning(args, work, pretrained), out_dir=str(out), seed=seed, mask_padding=False,
+                )
+            )  # fmt: skip
+        rows.append({**result, "mask": False, "frozen": False, "seed": seed})
+    return rows
+
+
+def adapted_backbone(args: argparse.Namespace, work: Path, pretrained: Path, texts: list[str]) -> Path:
+    """The pre-trained backbone after --adapt-iters steps on the labelled training texts alone."""
+    from smallgpt.classify.adapt import adapt_backbone
+
+    out = work / "adapted"
+    if (out / "ckpt" / "best").is_dir():
+        print(f"reusing the adapted backbone {out}")
+        return out
+    start = time.perf_counter()
+    adapt_backbone(
+        pretrained, texts, out, args.adapt_iters, args.adapt_learning_rate, 32, args.seed, torch_cpu(),
+        progress=False,
+    )  # fmt: skip
+    print(f"adapted in {time.perf_counter() - start:.0f} s")
+    return out
+
+
+def torch_cpu() -> Any:
+    import torch
+
+    return torch.device("cpu")
+
+
+def report(
+    rows: list[dict], plain: list[dict], baselines: list[dict], splits: dict, work: Path, adapted: bool
+) -> None:
+    """Markdown tables: every variant's mean ± std over the seeds, the baselines, McNemar per seed."""
+    print("\n| backbone | mask padding | frozen | test accuracy (mean ± std) | macro-F1 | time (s) | seeds |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["variant"], []).append(r)
+    if plain:
+        groups["nomask_full (no adaptation)"] = plain
+    yes_no = {True: "yes", False: "no"}
+    for name, group in groups.items():
+        backbone = "adapted" if adapted and "no adaptation" not in name else "pre-trained"
+        print(
+            f"| {backbone} | {yes_no[group[0]['mask']]} | {yes_no[group[0]['frozen']]} "
+            f"| {mean_std([r['accuracy'] for r in group])} | {mean_of(group, 'macro_f1'):.3f} "
+            f"| {mean_of(group, 'seconds'):.0f} | {len(group)} |"
+        )
+    for b in baselines:
+        print(
+            f"| {b['name']}: {b['setting']} | - | - | {100 * b['accuracy']:.2f}% | {b['macro_f1']:.3f} "
+            f"| {b['seconds']:.0f} | - |"
+        )
+    tuned = baselines[-1]
+    best_name = max(
+        (n for n in groups if "no adaptation" not in n),
+        key=lambda n: statistics.fmean(r["accuracy"] for r in groups[n]),
+    )
+    best = groups[best_name]
+    margin = 100 * (statistics.fmean(r["accuracy"] for r in best) - tuned["accuracy"])
+    print(
+        f"\nbest variant {best_name}: {margin:+.2f} points (mean of {len(best)} seeds) over the tuned TF-IDF"
+    )
+    truth, texts = zip(*splits["test"])
+    for r in best:
+        predicted = classifier_predictions(work / "ablate" / f"seed{r['seed']}" / best_name, list(texts))
+        only_gpt, only_tfidf, p = mcnemar(list(truth), predicted, tuned["predicted"])
+        print(
+            f"seed {r['seed']}: on the {len(truth)} test texts the GPT alone is right on {only_gpt}, "
+            f"tuned TF-IDF alone on {only_tfidf}: exact McNemar p = {p:.3g}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED, help="folder of shared corpora")
@@ -180,60 +346,47 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=12000)
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--test-size", type=int, default=2000)
+    parser.add_argument(
+        "--adapt-iters", type=int, default=300, help="domain adaptation on the training texts (0: off)"
+    )
+    parser.add_argument("--adapt-learning-rate", type=float, default=1e-3)
+    parser.add_argument("--no-plain", action="store_true", help="skip the best variant without adaptation")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument(
         "--lm-loss-weight", type=float, default=0.5, help="GPT-1's auxiliary next-token loss in fine-tuning"
     )
     parser.add_argument("--pooling", default="mean")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the labelled splits")
+    parser.add_argument("--seeds", default="1337,1338,1339", help="fine-tuning seeds, comma-separated")
     args = parser.parse_args()
     if args.review_repeats < 1:
         parser.error(f"--review-repeats must be at least 1, got {args.review_repeats}")
-
-    from smallgpt.classify.train import ClassifyAblateArgs, ablation_table, run_ablate
+    seeds = [int(s) for s in args.seeds.split(",")]
 
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
-        pretrained = work / "pretrained"
-        if (pretrained / "ckpt").is_dir():
-            print(f"reusing the pre-trained run {pretrained}")
-        else:
-            write_pretraining_corpus(args.data, work / "corpus.txt", args.review_repeats)
-            pretrained, _ = pretrain(work / "corpus.txt", work, args)
         sizes = {"train": args.train_size, "val": args.val_size, "test": args.test_size}
         splits = labelled_splits(args.data, sizes, args.seed)
         for split, rows in splits.items():
             write_csv(work / f"{split}.csv", rows)
-        baseline = tfidf_baseline(splits)
-        rows = run_ablate(
-            ClassifyAblateArgs(
-                data=str(work / "train.csv"), val_data=str(work / "val.csv"),
-                test_data=str(work / "test.csv"), init_from=str(pretrained), text_column="review",
-                out_dir=str(work / "ablate"),
-                pooling=args.pooling, epochs=args.epochs, learning_rate=args.learning_rate,
-                lm_loss_weight=args.lm_loss_weight,
-                group_by_length=True,
-                progress=False, device="cpu", seed=args.seed,
-            )
-        )  # fmt: skip
-        best = max(rows, key=lambda r: r["accuracy"])
-        truth, texts = zip(*splits["test"])
-        predicted = classifier_predictions(work / "ablate" / best["variant"], list(texts))
-    print(f"\nsentiment_zh: train {args.train_size}, val {args.val_size}, test {args.test_size} (balanced)")
-    print(ablation_table(rows))
-    print(
-        f"| TF-IDF char 1-3-grams + logistic regression | - | {100 * baseline['accuracy']:.1f}% "
-        f"| {baseline['macro_f1']:.3f} | {baseline['seconds']:.0f} |"
-    )
-    margin = 100 * (best["accuracy"] - baseline["accuracy"])
-    print(f"\nbest variant {best['variant']}: {margin:+.1f} accuracy points over the TF-IDF baseline")
-    only_gpt, only_tfidf, p = mcnemar(list(truth), predicted, baseline["predicted"])
-    print(
-        f"on the {len(truth)} test texts the GPT alone is right on {only_gpt}, TF-IDF alone on "
-        f"{only_tfidf}: exact McNemar p = {p:.3f}"
-    )
+        pretrained = work / "pretrained"
+        if (pretrained / "ckpt").is_dir():
+            print(f"reusing the pre-trained run {pretrained}")
+        else:
+            held_out = {text for split in ("val", "test") for _, text in splits[split]}
+            write_pretraining_corpus(args.data, work / "corpus.txt", args.review_repeats, held_out)
+            pretrained, _ = pretrain(work / "corpus.txt", work, args)
+        baselines = tfidf_baselines(splits)
+        train_texts = [text for _, text in splits["train"]]
+        backbone = adapted_backbone(args, work, pretrained, train_texts) if args.adapt_iters else pretrained
+        rows = fine_tune_rows(args, work, backbone, seeds)
+        plain = [] if args.no_plain or not args.adapt_iters else plain_rows(args, work, pretrained, seeds)
+        print(
+            f"\nsentiment_zh: train {args.train_size}, val {args.val_size}, test {args.test_size} (balanced)"
+        )
+        report(rows, plain, baselines, splits, work, args.adapt_iters > 0)
 
 
 if __name__ == "__main__":

@@ -178,6 +178,43 @@ def test_lm_loss_weight_keeps_the_backbone_a_language_model(tmp_path, make_backb
     assert lm_loss_after(1.0) < lm_loss_after(0.0) - 0.5
 
 
+def eval_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == "eval"]
+
+
+def test_adapt_iters_trains_the_backbone_on_the_training_texts_only(tmp_path, make_backbone_run, capsys):
+    backbone_run = make_backbone_run(tmp_path / "backbone")
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(200), header=("label", "text"))
+    out = tmp_path / "cls"
+    args = ClassifyTrainArgs(
+        data=str(data), init_from=str(backbone_run), out_dir=str(out), adapt_iters=40,
+        adapt_learning_rate=1e-2, epochs=1, batch_size=8, progress=False, device="cpu",
+    )  # fmt: skip
+    train_classifier(args)
+    train_texts = load_splits(args).train.texts  # the seeded split: val and test texts left out
+    tokens = sum(len(text) + 1 for text in train_texts)  # chars, each text closed by end-of-text
+    assert f"on {tokens:,} tokens of training text: 40 steps" in capsys.readouterr().out
+    adapted = out / "adapted"
+    losses = [r["train_loss"] for r in eval_records(adapted)]
+    assert losses[-1] < losses[0] - 0.5  # a random backbone starts near log(9) = 2.2 nats
+    assert checkpoint.read_tags(out / "ckpt" / "best")["backbone"] == str(adapted)
+    assert main(["sample", "--run", str(adapted), "--start", "abc", "--max-new-tokens", "5"]) == 0
+
+
+def test_ablate_adapts_once_for_every_variant(tmp_path, make_backbone_run, capsys):
+    backbone_run = make_backbone_run(tmp_path / "backbone")
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
+    out = tmp_path / "ablate"
+    flags = ["--data", str(data), "--init-from", str(backbone_run), "--out-dir", str(out)]
+    assert main(["classify", "ablate", *flags, "--adapt-iters", "3", "--epochs", "1", "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("adapting ") == 1  # one adaptation, not one per variant
+    for variant in ("nomask_full", "mask_full", "mask_frozen"):
+        tags = checkpoint.read_tags(out / variant / "ckpt" / "last")
+        assert tags["backbone"] == str(out / "adapted")
+        assert not (out / variant / "adapted").exists()
+
+
 def test_frozen_backbone_is_bit_identical_after_training(tmp_path, make_backbone_run):
     backbone_run = make_backbone_run(tmp_path / "backbone", dropout=0.1)
     data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))

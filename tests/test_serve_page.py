@@ -1,6 +1,7 @@
 """The web page of `smallgpt serve` in a real headless Chromium (Debian's `chromium` package, driven
 by playwright): streamed completion, stop, and a chat round trip; screenshots of both."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -34,8 +35,11 @@ def test_page_streams_a_completion_and_a_chat_reply(browser, server, lm_run, lcc
     page.click("#generate")
     page.wait_for_function("document.querySelector('#output').textContent.length > 'ROMEO:'.length")
     page.wait_for_function("document.querySelector('#stats').textContent.includes('tokens/s')")
-    assert page.text_content("#output").startswith("ROMEO:")
-    assert "200 tokens" in page.text_content("#stats")
+    output = page.text_content("#output")
+    shown = re.match(r"(\d+) tokens in ", page.text_content("#stats"))
+    assert output.startswith("ROMEO:") and shown
+    # a char model: one token per character; sampling may end at end-of-text before the limit
+    assert 0 < int(shown[1]) == len(output) - len("ROMEO:") <= 200
     page.screenshot(path=tmp_path / "complete.png")
 
     page.select_option("#model", lccc_chat_run.name)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from smallgpt.classify.adapt import adapt_backbone
 from smallgpt.classify.data import (
     ClassifyBatch,
     ClassifyBatches,
@@ -48,6 +49,8 @@ from smallgpt.train.distributed import DistInfo
 from smallgpt.train.optim import adamw, decay_groups
 from smallgpt.train.schedule import LRSchedule
 from smallgpt.train.trainer import LoopSettings, LossFn, Trainer
+
+ADAPTED = "adapted"  # the backbone adapted by --adapt-iters, a run folder inside OUT_DIR
 
 
 @dataclass
@@ -98,6 +101,16 @@ class ClassifyOptions:
         },
     )
     warmup_iters: int = field(default=0, metadata={"help": "linear warmup steps"})
+    adapt_iters: int = field(
+        default=0,
+        metadata={
+            "help": "first continue next-token training of the backbone on the training texts (never "
+            "val/test) for this many steps of --batch-size windows, into OUT_DIR/adapted (0: off)"
+        },
+    )
+    adapt_learning_rate: float = field(
+        default=1e-3, metadata={"help": "peak learning rate of --adapt-iters (cosine decay to 1/10)"}
+    )
     eval_interval: int = field(default=0, metadata={"help": "steps between evaluations (0: once per epoch)"})
     patience: int = field(
         default=0, metadata={"help": "stop after this many evaluations without gain (0: off)"}
@@ -113,7 +126,7 @@ class ClassifyOptions:
             raise UserError(f"batch-size must be positive, got {self.batch_size}")
         for name in (
             "epochs", "max_iters", "learning_rate", "weight_decay", "lm_loss_weight", "warmup_iters",
-            "eval_interval",
+            "eval_interval", "adapt_iters", "adapt_learning_rate",
         ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
@@ -190,6 +203,17 @@ def load_splits(args: ClassifyOptions) -> Splits:
     return Splits(splits["train"], splits["val"], splits.get("test"), names)
 
 
+def backbone_run(args: ClassifyOptions, splits: Splits, device: torch.device) -> str:
+    """The run to fine-tune: --init-from, or, with --adapt-iters, its adaptation to the training texts."""
+    if args.adapt_iters == 0:
+        return args.init_from
+    adapted = adapt_backbone(
+        args.init_from, splits.train.texts, Path(args.out_dir) / ADAPTED, args.adapt_iters,
+        args.adapt_learning_rate, args.batch_size, args.seed, device, args.dtype, args.progress,
+    )  # fmt: skip
+    return str(adapted)
+
+
 def classification_loss(lm_loss_weight: float) -> LossFn:
     """The Trainer's loss: cross-entropy on the labels, plus the weighted next-token loss if any."""
 
@@ -245,10 +269,13 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
     args.validate()
     device = resolve_device(args.device)
     backbone, tokenizer = load_run(args.init_from, device)
+    splits = load_splits(args)
+    init_from = backbone_run(args, splits, device)
+    if init_from != args.init_from:
+        backbone, tokenizer = load_run(init_from, device)
     if args.dropout is not None:
         backbone.set_dropout(args.dropout)
     block_size = backbone.config.block_size
-    splits = load_splits(args)
     classifier = args.classifier(len(splits.names))
     encoded = {}
     for split in ("train", "val", "test"):
@@ -295,13 +322,13 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
         checkpoint_info={
             "tokenizer_fingerprint": tokenizer.fingerprint(),
             "classifier": json.dumps(classifier.to_dict()),
-            "backbone": str(args.init_from),
+            "backbone": init_from,
         },
         monitor="val_error",
         evaluate_fn=evaluate_val,
     )
     with folder_lock(run_dir):  # one writer per run folder, from here to the end
-        write_run_files(args, splits, run_dir, (Path(args.init_from) / "tokenizer.json").read_bytes())
+        write_run_files(args, splits, run_dir, (Path(init_from) / "tokenizer.json").read_bytes())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"trainable parameters: {trainable / 1e6:.3f}M; {settings.max_iters} steps on {device}")
         start = time.perf_counter()
@@ -341,6 +368,9 @@ def run_ablate(args: ClassifyAblateArgs) -> list[dict]:
     """Train each variant from the same pretrained run into OUT_DIR/<variant>; print a Markdown table."""
     rows = []
     shared = {f.name: getattr(args, f.name) for f in fields(ClassifyOptions)}
+    if args.adapt_iters:  # one adapted backbone for every variant
+        device = resolve_device(args.device)
+        shared.update(init_from=backbone_run(args, load_splits(args), device), adapt_iters=0)
     for mask, frozen in GRID_VARIANTS if args.grid else SEED_VARIANTS:
         name = variant_name(mask, frozen)
         print(f"\n=== {name} ===")
