@@ -32,6 +32,7 @@ from common import machine, markdown_table, today
 
 from smallgpt.data.prepare import load_meta
 from smallgpt.decode import DecodeEngine, SamplingSettings
+from smallgpt.device import cpu_has_bf16
 from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.model.quantize import for_inference
 from smallgpt.runs import load_run
@@ -45,11 +46,9 @@ PRECISIONS = {  # row label -> (dtype, quantize)
 }
 
 
-def tokens_per_second(
-    model: GPT, new_tokens: int, use_cache: bool = True, batch: int = 1, compile: bool = False
-) -> float:
-    engine = DecodeEngine(model, max_batch=batch, use_cache=use_cache, compile=compile)
-    for seed in range(batch):
+def tokens_per_second(engine: DecodeEngine, new_tokens: int) -> float:
+    """Decode max_batch requests of new_tokens together on an idle engine; tokens/s summed."""
+    for seed in range(engine.max_batch):
         engine.add([0], SamplingSettings(max_new_tokens=new_tokens, temperature=0.8, top_k=200, seed=seed))
     start = time.perf_counter()
     count = 0
@@ -94,36 +93,42 @@ def main() -> None:
     else:
         config = ModelConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384)
         base = GPT(config).eval()
-    models = {label: for_inference(copy.deepcopy(base), *p) for label, p in PRECISIONS.items()}
-    rows = [("nanoGPT generate(): fp32, full recompute", base, False, 1, False)]
+    # bf16 activations need a CPU that computes in bf16: elsewhere `--dtype bfloat16` is refused
+    precisions = {k: p for k, p in PRECISIONS.items() if p[0] != "bfloat16" or cpu_has_bf16()}
+    if len(precisions) < len(PRECISIONS):
+        print("this CPU has no native bfloat16 (AVX512-BF16 or AMX): the bf16 rows are left out")
+    models = {label: for_inference(copy.deepcopy(base), *p) for label, p in precisions.items()}
+    # each row's engine lives for the whole benchmark, as in `smallgpt sample` or the server: a
+    # compiled one compiles its decoding step once, in the warm-up
+    rows = [("nanoGPT generate(): fp32, full recompute", DecodeEngine(base, max_batch=1, use_cache=False))]
     precision_of = {rows[0][0]: "fp32"}
     for batch in (1, args.batch):
         for compiled in (False, True) if args.compile else (False,):
             how = "KV cache, compiled" if compiled else "KV cache"
             size = f", batch {batch}" if batch > 1 else ""
             for precision, model in models.items():
-                rows.append((f"{how}, {precision}{size}", model, True, batch, compiled))
+                rows.append((f"{how}, {precision}{size}", DecodeEngine(model, batch, compile=compiled)))
                 precision_of[rows[-1][0]] = precision
 
-    speeds: dict[str, list[float]] = {label: [] for label, *_ in rows}
+    speeds: dict[str, list[float]] = {label: [] for label, _ in rows}
     load, compile_seconds = [], []
     with torch.inference_mode():
-        for _, model, use_cache, batch, compiled in rows:  # warm-up: allocations, kernels, compiling
+        for _, engine in rows:  # warm-up: allocations, kernels, compiling
             start = time.perf_counter()
-            tokens_per_second(model, 2, use_cache, batch, compiled)
-            if compiled:
+            tokens_per_second(engine, 2)
+            if engine.decode_all is not None:
                 compile_seconds.append(time.perf_counter() - start)
         for _ in range(args.repeats):
             load.append(os.getloadavg()[0])
-            for label, model, use_cache, batch, compiled in rows:
-                speeds[label].append(tokens_per_second(model, args.new_tokens, use_cache, batch, compiled))
+            for label, engine in rows:
+                speeds[label].append(tokens_per_second(engine, args.new_tokens))
     quality = {}
     if args.run is not None:
         quality = {label: val_bits_per_byte(m, args.run) for label, m in models.items()}
 
     baseline = statistics.median(speeds[rows[0][0]])
     table = []
-    for label, *_ in rows:
+    for label, _ in rows:
         speed = statistics.median(speeds[label])
         row = [label, f"{speed:,.0f}", f"{speed / baseline:.1f}x"]
         if quality:

@@ -31,6 +31,7 @@ from common import SHARED_DATA, machine, markdown_table, today
 from generate import tokens_per_second
 
 from smallgpt.data.tokenizers import CharTokenizer, save_tokenizer
+from smallgpt.decode import DecodeEngine
 from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.train import checkpoint
 
@@ -152,10 +153,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="each level runs this long (then finishes)")
     parser.add_argument("--max-requests", type=int, default=40, help="per client and level")
     parser.add_argument("--max-tokens", type=int, default=200)
-    # one torch thread: on a shared 2-core machine a second intra-op thread spin-waits (generate.py's
-    # batch-1 figure fell from 55 to 3 tokens/s at load 8), and the clients need the other core
+    # default: torch's own (one per core), as `smallgpt serve` runs. On a 2-core machine busy with
+    # other jobs, 1 is steadier: a second intra-op thread spin-waits (generate.py's batch-1 figure
+    # once fell from 55 to 3 tokens/s at load 8); on an otherwise idle one, 2 decode 8 rows faster
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads of the server (and the baseline)"
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch threads of the server (and the baseline)",
     )
     parser.add_argument("--n_layer", type=int, default=6)
     parser.add_argument("--n_embd", type=int, default=384)
@@ -167,9 +172,10 @@ def main() -> None:
         model = write_random_run(run, args.n_layer, args.n_embd, args.block_size)
         torch.set_num_threads(args.threads)
         with torch.inference_mode():
-            tokens_per_second(model, 20, True)  # warm-up
-            alone = tokens_per_second(model, args.max_tokens, True)  # generate.py's KV-cache row
-            batch8 = tokens_per_second(model, args.max_tokens, True, batch=8)  # the engine's ceiling
+            one, eight = DecodeEngine(model, max_batch=1), DecodeEngine(model, max_batch=8)
+            tokens_per_second(one, 20)  # warm-up
+            alone = tokens_per_second(one, args.max_tokens)  # generate.py's KV-cache row
+            batch8 = tokens_per_second(eight, args.max_tokens)  # the engine's ceiling
         port = free_port()
         server = start_server(run, port, args.threads, Path(tmp) / "serve.log")
         try:

@@ -40,9 +40,12 @@ def text_run(tmp_path_factory, shared_data):
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    """A tiny chat model that learned three exchanges by heart (greedy replies are predictable)."""
+    """A tiny chat model that learned three exchanges by heart, alone and after another one
+    (greedy replies are predictable, with history too)."""
     root = tmp_path_factory.mktemp("api_chat")
-    (root / "qa.txt").write_text("\n\n".join(f"{q}\n{a}" for q, a in QA * 30), encoding="utf-8")
+    singles = [f"{q}\n{a}" for q, a in QA * 30]
+    pairs = [f"{q}\n{a}\n{q2}\n{a2}" for q, a in QA for q2, a2 in QA if q != q2] * 5
+    (root / "qa.txt").write_text("\n\n".join(singles + pairs), encoding="utf-8")
     data = smallgpt.prepare(root / "qa.txt", out=root / "data", format="chat", block_size=32)
     settings = {**TINY, **QUIET, "n_layer": 1, "batch_size": 8, "learning_rate": 1e-2}
     run = smallgpt.train(

@@ -98,6 +98,26 @@ def test_batched_greedy_equals_each_request_alone(options, compile, monkeypatch)
     assert not engine.busy and engine.free_slots == 4
 
 
+def test_compiled_engines_of_different_models_each_decode_their_own(monkeypatch):
+    """Each engine compiles its own step with the model's guards skipped: two models of the same
+    shape (and one of another) decoding in turn must not run each other's graphs."""
+    monkeypatch.setattr(decode, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    models = [tiny(), tiny(), tiny(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)]
+    with torch.no_grad():
+        models[1].lm_head.weight.neg_()  # same shapes, other weights (and so other tokens)
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+    expected = [alone(m, prompt(4, 0), greedy) for m in models]
+    assert expected[0] != expected[1]
+    engines = [DecodeEngine(m, max_batch=2, compile=True) for m in models]
+    requests = [e.add(prompt(4, 0), greedy) for e in engines]
+    tokens: list[list[int]] = [[], [], []]
+    while any(e.busy for e in engines):
+        for i, engine in enumerate(engines):  # interleaved: each call may find another's graph
+            tokens[i] += [event.token_id for event in engine.step()]
+    assert tokens == expected and all(r.finish_reason == "length" for r in requests)
+
+
 def test_compile_needs_the_cache():
     with pytest.raises(UserError, match="needs the cache"):
         DecodeEngine(tiny(), use_cache=False, compile=True)

@@ -14,12 +14,13 @@ from smallgpt.model.quantize import Int8Linear, for_inference, quantize_int8
 
 @pytest.mark.parametrize("in_features", [64, 48, 24, 5])  # 24 and 5: not kernel-aligned, the fallback
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_linear_is_close_to_the_float_layer(in_features, bias):
+@pytest.mark.parametrize("batch", [2, 8])  # 14 rows: the CPU kernel; 56: dequantized (a prompt's path)
+def test_int8_linear_is_close_to_the_float_layer(in_features, bias, batch):
     torch.manual_seed(0)
     linear = nn.Linear(in_features, 40, bias=bias)
     with torch.no_grad():
         linear.weight[3] *= 50  # rows of very different size: each row has its own scale
-    x = torch.randn(2, 7, in_features)
+    x = torch.randn(batch, 7, in_features)
     expected = linear(x)
     got = Int8Linear(linear)(x)
     assert got.shape == expected.shape and got.dtype == x.dtype
@@ -27,6 +28,7 @@ def test_int8_linear_is_close_to_the_float_layer(in_features, bias):
     # bf16 activations: within 2% of each output's magnitude
     error = (got - expected).abs().amax(dim=(0, 1)) / expected.abs().amax(dim=(0, 1))
     assert error.max() < 0.02, error.max()
+    assert torch.allclose(Int8Linear(linear)(x[:1]), got[:1], rtol=0.02, atol=0.02)  # either path
 
 
 def test_int8_weights_are_int8_with_one_scale_per_row():

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import queue
 import threading
+import types
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -111,9 +112,7 @@ class DecodeEngine:
         self.block_size, self.vocab_size = model.config.block_size, model.config.vocab_size
         self.device, dtype = model.activations
         self.cache = KVCache(model.config, max_batch, self.device, dtype) if use_cache else None
-        self.decode_all = None
-        if compile:
-            self.decode_all = torch.compile(_decode_all_slots, backend=COMPILE_BACKEND, dynamic=False)
+        self.decode_all = compile_decode_step() if compile else None
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()  # added, joining at the next step with a free slot
         self.stats = EngineStats()
@@ -303,6 +302,22 @@ def _decode_all_slots(model: GPT, cache: KVCache, idx: torch.Tensor, positions: 
     return logits[:, -1, :].float()
 
 
+def compile_decode_step() -> Callable[[GPT, KVCache, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`_decode_all_slots` through torch.compile, for one engine (one model) only.
+
+    torch.compile keeps its compiled graphs on the function's code object, so each engine compiles
+    its own copy: a graph never serves another engine's model. That is what makes it safe to skip
+    the guards on the model's modules and parameters (checked on every call, they cost 0.13 ms of a
+    1.6 ms step of the 6x384 model, a third of that without them): an engine's model never changes.
+    """
+    code = _decode_all_slots.__code__.replace()  # an equal code object of its own
+    step = types.FunctionType(code, _decode_all_slots.__globals__, _decode_all_slots.__name__)
+    options: dict[str, str | int | bool | Callable[..., Any]] = {
+        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    }
+    return torch.compile(step, backend=COMPILE_BACKEND, dynamic=False, options=options)
+
+
 def penalize_repeats(logits: torch.Tensor, context: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty: make tokens already in the context less likely (logits (B, V))."""
     seen = torch.gather(logits, 1, context)
@@ -332,7 +347,10 @@ def sample_next(
         drop = drop_sorted.scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    # torch.multinomial's own way to draw one sample (the same ids from the same generator), without
+    # its checks of the probabilities, which cost twice the draw itself
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 class QueueFull(Exception):

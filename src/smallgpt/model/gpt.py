@@ -190,6 +190,8 @@ def attention(
     """Scaled dot-product attention (B, nh, T, hs); in full fp32 on a CPU whose other matmuls run
     in bf16 (training's dtype bfloat16 there): torch's CPU attention kernels are several times
     slower with bf16 matmuls, while the model's Linear layers are several times faster."""
+    if torch.compiler.is_compiling() and q.device.type == "cpu" and q.size(2) == 1 and attn_mask is not None:
+        return _one_query_attention(q, k, v, attn_mask)
     sdpa = partial(
         F.scaled_dot_product_attention, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
     )
@@ -199,6 +201,18 @@ def attention(
         with cpu_matmul_precision("ieee"):
             return sdpa(q, k, v)
     return sdpa(q, k, v)
+
+
+def _one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention of one new token per row (q (B, nh, 1, hs)) over its cache (k, v (B, nh, T, hs)),
+    mask (B, 1, 1, T). Written as two reductions over the cache, which inductor fuses into loops of
+    its own on a CPU: in a compiled decoding step of the 6x384 model they took 0.11 ms a token where
+    the attention kernel, built for many queries at once, took 0.29 ms."""
+    scores = (q * k).sum(-1) / math.sqrt(q.size(-1))  # (B, nh, T)
+    weights = scores.masked_fill(~mask[:, :, 0], float("-inf")).softmax(dim=-1)  # (B, nh, T)
+    return (weights.unsqueeze(-1) * v).sum(dim=-2, keepdim=True)  # (B, nh, 1, hs)
 
 
 class _FullPrecisionAttention(torch.autograd.Function):
