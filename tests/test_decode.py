@@ -171,6 +171,16 @@ def test_sampling_filters_restrict_choices():
     assert penalized.tolist() == [[2.0, 3.0, 2.0, -10.0, -5.0]]
 
 
+def test_sampling_draws_the_ids_torch_multinomial_draws():
+    """sample_next draws as torch.multinomial does, without its checks: the same seeded generator
+    gives the same tokens, so seeded outputs did not change with it."""
+    logits = torch.randn(400, 65, generator=torch.Generator().manual_seed(0))
+    ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for row in logits:
+        expected = torch.multinomial((row[None] / 0.8).softmax(dim=-1), 1, generator=theirs)[:, 0]
+        assert torch.equal(sample_next(row[None], 0.8, None, None, ours), expected)
+
+
 @pytest.mark.parametrize(
     "prompt_ids, settings, fragment",
     [

@@ -22,13 +22,26 @@ def test_int8_linear_is_close_to_the_float_layer(in_features, bias, batch):
         linear.weight[3] *= 50  # rows of very different size: each row has its own scale
     x = torch.randn(batch, 7, in_features)
     expected = linear(x)
-    got = Int8Linear(linear)(x)
+    layer = Int8Linear(linear)
+    got = layer(x)
     assert got.shape == expected.shape and got.dtype == x.dtype
     # int8 rounding (half a step of 1/127 of the row's largest weight) and, on the CPU kernel,
     # bf16 activations: within 2% of each output's magnitude
     error = (got - expected).abs().amax(dim=(0, 1)) / expected.abs().amax(dim=(0, 1))
     assert error.max() < 0.02, error.max()
-    assert torch.allclose(Int8Linear(linear)(x[:1]), got[:1], rtol=0.02, atol=0.02)  # either path
+    assert torch.allclose(layer(x[:1]), got[:1], rtol=0.02, atol=0.02)  # either path
+
+
+@pytest.mark.parametrize("rows, kernel_calls", [(quantize.INT8_KERNEL_MAX_ROWS, 1), (56, 0)])
+def test_int8_linear_uses_the_cpu_kernel_for_few_rows_only(rows, kernel_calls, monkeypatch):
+    """Decoding's few rows go through torch's int8 kernel; a prompt's many rows through the
+    dequantized weight, faster there (the kernel's cost grows with every row)."""
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or kernel(*a))
+    layer = Int8Linear(nn.Linear(64, 40))
+    assert layer(torch.randn(rows, 64)).shape == (rows, 40)
+    assert len(calls) == kernel_calls
 
 
 def test_int8_weights_are_int8_with_one_scale_per_row():
