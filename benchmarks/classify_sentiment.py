@@ -18,7 +18,8 @@
    default settings and tuned on val over C x char n-gram range x sublinear tf.
 Prints Markdown tables (mean ± std over the seeds, macro-F1, times), the best variant's margin over
 the tuned baseline, and an exact McNemar test against it per seed on the same test texts. Runs and
-results are kept in --work; a second call reuses what is there.
+results are kept in --work; a second call reuses what is there, so once one call has adapted the
+backbone, calls with other --seeds can run beside it (one per core, OMP_NUM_THREADS=1).
 
     python benchmarks/classify_sentiment.py --work /tmp/cls   # defaults: pre-training 4500 s, block 256
 """
@@ -30,6 +31,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import random
 import statistics
 import tempfile
@@ -90,12 +92,15 @@ def labelled_splits(data: Path, sizes: dict[str, int], seed: int) -> dict[str, l
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    """Written beside and renamed into place: a run reading it in parallel sees the whole file."""
     import csv
 
-    with path.open("w", encoding="utf-8", newline="") as f:
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    with temporary.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["label", "review"])
         writer.writerows(rows)
+    temporary.replace(path)
 
 
 def pretrain(corpus: Path, work: Path, args: argparse.Namespace) -> tuple[Path, float]:
@@ -146,11 +151,11 @@ def tfidf_baselines(splits: dict[str, list[tuple[str, str]]]) -> list[dict]:
         )
 
     def row(name: str, setting: str, vectorizer: Any, model: Any, seconds: float) -> dict:
-        predicted = list(model.predict(vectorizer.transform(texts["test"])))
+        predicted = [str(label) for label in model.predict(vectorizer.transform(texts["test"]))]
         return {
             "name": name, "setting": setting, "seconds": seconds, "predicted": predicted,
-            "accuracy": accuracy_score(truth["test"], predicted),
-            "macro_f1": f1_score(truth["test"], predicted, average="macro"),
+            "accuracy": float(accuracy_score(truth["test"], predicted)),
+            "macro_f1": float(f1_score(truth["test"], predicted, average="macro")),
         }  # fmt: skip
 
     start = time.perf_counter()
@@ -179,6 +184,19 @@ def tfidf_baselines(splits: dict[str, list[tuple[str, str]]]) -> list[dict]:
     )
     tuned["seconds"] = time.perf_counter() - start
     return rows + [tuned]
+
+
+def cached_baselines(path: Path, splits: dict[str, list[tuple[str, str]]]) -> list[dict]:
+    """tfidf_baselines, read back from `path` when an earlier call on the same splits wrote it (the
+    grid takes minutes; parallel calls over different seeds share one)."""
+    if path.is_file():
+        print(f"reusing the baselines in {path}")
+        return json.loads(path.read_text())
+    baselines = tfidf_baselines(splits)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(baselines))
+    temporary.replace(path)
+    return baselines
 
 
 def classifier_predictions(run_dir: Path, texts: list[str]) -> list[str]:
@@ -378,7 +396,7 @@ def main() -> None:
             held_out = {text for split in ("val", "test") for _, text in splits[split]}
             write_pretraining_corpus(args.data, work / "corpus.txt", args.review_repeats, held_out)
             pretrained, _ = pretrain(work / "corpus.txt", work, args)
-        baselines = tfidf_baselines(splits)
+        baselines = cached_baselines(work / "baselines.json", splits)
         train_texts = [text for _, text in splits["train"]]
         backbone = adapted_backbone(args, work, pretrained, train_texts) if args.adapt_iters else pretrained
         rows = fine_tune_rows(args, work, backbone, seeds)

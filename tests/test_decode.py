@@ -245,6 +245,31 @@ def test_scheduler_queue_full_and_cancel_on_close():
         scheduler.submit([1], SamplingSettings())
 
 
+def test_streams_sharing_a_notify_get_one_call_per_step():
+    """The server's hand-over: however many streams got a token in a step, their shared notify
+    (one event loop's wake-up) is called once for that step."""
+    engine = DecodeEngine(tiny(), max_batch=4)
+    gate, step = threading.Event(), engine.step
+    engine.step = lambda: (gate.wait(), step())[1]
+    scheduler = BatchScheduler(engine)
+    streams = [scheduler.submit(prompt(3, i), SamplingSettings(max_new_tokens=10)) for i in range(4)]
+    loop = Handover()
+    for stream in streams:
+        stream.notify = loop.wake  # a bound method per stream, all equal: as the server's
+    gate.set()
+    tokens = sum(len(list(stream)) for stream in streams)
+    scheduler.stop()
+    assert tokens == 40 and scheduler.stats.max_batch_size == 4
+    assert loop.calls == scheduler.stats.steps < tokens
+
+
+class Handover:
+    calls = 0
+
+    def wake(self) -> None:
+        self.calls += 1
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_failing_step_reaches_every_caller():
     engine = DecodeEngine(tiny(), max_batch=1)

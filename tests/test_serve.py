@@ -1,6 +1,7 @@
 """`smallgpt serve` through the official `openai` client: the same text as `sample`/`chat`, streaming,
 usage, batching of concurrent requests, the API key and the full queue."""
 
+import asyncio
 import http.client
 import io
 import json
@@ -218,7 +219,12 @@ def test_serve_loads_models_with_the_precision_flags(lm_run):
         [served] = models.values()
         assert isinstance(served.model.lm_head, Int8Linear)
         assert (
-            len(served.complete(served.encode("ROMEO:"), Sampling(max_tokens=5, temperature=0)).text()) == 5
+            len(
+                asyncio.run(
+                    served.complete(served.encode("ROMEO:"), Sampling(max_tokens=5, temperature=0)).text()
+                )
+            )
+            == 5
         )
     finally:
         for served in models.values():
@@ -237,7 +243,7 @@ def test_init_from_serves_a_transformers_folder_named_after_it(lm_run, tmp_path)
         assert list(models) == [lm_run.name, "exported"]
         assert all(isinstance(m.model.lm_head, torch.nn.Linear) for m in models.values())
         texts = [
-            m.complete(m.encode("ROMEO:"), Sampling(max_tokens=20, temperature=0)).text()
+            asyncio.run(m.complete(m.encode("ROMEO:"), Sampling(max_tokens=20, temperature=0)).text())
             for m in models.values()
         ]
         assert texts[0] == texts[1] and len(texts[0]) == 20

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -223,6 +224,14 @@ def test_cpu_bfloat16_rounds_only_matmul_inputs_while_training(char_data, tmp_pa
     assert metrics["val_loss"] < 3.3  # as the fp32 run of test_training_lowers_loss_and_writes_the_run
     weights = checkpoint.load_model(tmp_path / "run" / "ckpt" / "last", torch.device("cpu"))
     assert all(p.dtype == torch.float32 for p in weights.parameters())
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bfloat16_says_when_the_cpu_has_none(char_data, tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(sys.modules[Trainer.__module__], "cpu_has_bf16", lambda: native)
+    run(char_data, tmp_path / "run", "--max_iters=2", "--eval_interval=2", "--dtype=bfloat16")
+    said = "no native bfloat16" in capsys.readouterr().err
+    assert said == (not native)
 
 
 def test_cpu_trains_in_float32_unless_asked():

@@ -361,7 +361,8 @@ class TokenStream:
     """The token ids of one submitted request as a blocking iterator (a stop id ends it, included).
 
     finish_reason is set once it has ended: stop | length | cancelled (closed, or the scheduler
-    stopped). close() (or leaving a `with` block) cancels the request and frees its slot.
+    stopped). close() (or leaving a `with` block) cancels the request and frees its slot. A reader
+    that must not block (an event loop) sets `notify` and calls take_ready() when it is called.
     """
 
     def __init__(self, scheduler: BatchScheduler, prompt_ids: list[int], settings: SamplingSettings):
@@ -369,21 +370,42 @@ class TokenStream:
         self._items: queue.SimpleQueue[int | str | BaseException] = queue.SimpleQueue()
         self.request: Request | None = None  # the engine's handle, once the scheduler has added it
         self.finish_reason: str | None = None
+        # Called on the decoding thread once per step that delivered to this stream (or ended it).
+        # Streams sharing one callable share one call per step: one hand-over to their reader.
+        self.notify: Callable[[], None] | None = None
 
     def __iter__(self) -> TokenStream:
         return self
 
     def __next__(self) -> int:
-        if self.finish_reason is not None:
-            raise StopIteration
-        item = self._items.get()
+        while self.finish_reason is None:
+            token_id = self._accept(self._items.get())
+            if token_id is not None:
+                return token_id
+        raise StopIteration
+
+    def take_ready(self) -> list[int]:
+        """The token ids delivered so far and not yet read, without waiting; finish_reason is set
+        once the end has been read."""
+        ids: list[int] = []
+        while self.finish_reason is None:
+            try:
+                item = self._items.get_nowait()
+            except queue.Empty:
+                break
+            token_id = self._accept(item)
+            ids += [] if token_id is None else [token_id]
+        return ids
+
+    def _accept(self, item: int | str | BaseException) -> int | None:
+        """A token id read from the queue, or None for its end (which sets finish_reason)."""
         if isinstance(item, int):
             return item
         if isinstance(item, BaseException):
             self.finish_reason = CANCELLED
             raise RuntimeError("the decoding thread failed") from item
         self.finish_reason = item
-        raise StopIteration
+        return None
 
     def put(self, item: int | str | BaseException) -> None:
         self._items.put(item)
@@ -491,21 +513,32 @@ class BatchScheduler:
 
     def _deliver(self, events: list[Event]) -> None:
         with self._wake:
+            delivered = []
             for request, token_id, finish_reason in events:
                 stream = self._running.get(request)
                 if stream is None:
                     continue
                 stream.put(token_id)
+                delivered.append(stream)
                 if finish_reason is not None:
                     stream.put(finish_reason)
                     del self._running[request]
             self._stats = self.engine.stats.copy()
+        notify_readers(delivered)
 
     def _end_all(self, reason: str | BaseException) -> None:
         with self._wake:
             if isinstance(reason, BaseException):
                 self._failure = reason
-            for stream in [*self._running.values(), *self._queue]:
+            ended = [*self._running.values(), *self._queue]
+            for stream in ended:
                 stream.put(reason)
             self._running.clear()
             self._queue.clear()
+        notify_readers(ended)
+
+
+def notify_readers(streams: list[TokenStream]) -> None:
+    """Each distinct `notify` of the streams, once."""
+    for notify in {stream.notify for stream in streams if stream.notify is not None}:
+        notify()

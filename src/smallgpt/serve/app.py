@@ -7,21 +7,18 @@ names its parameter. A 500 means a bug in smallgpt.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import json
 import logging
 import math
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -279,9 +276,9 @@ class Job:
         delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    def whole(self) -> dict:
+    async def whole(self) -> dict:
         """The finished response, for a request without `stream`."""
-        texts = [choice.text() for choice in self.choices]
+        texts = [await choice.text() for choice in self.choices]
         if self.chat:
             choices = [
                 {
@@ -298,55 +295,33 @@ class Job:
         ]
         return self.head("text_completion") | {"choices": choices, "usage": self.usage()}
 
-    def chunks(self, include_usage: bool) -> Iterator[dict]:
+    async def chunks(self, include_usage: bool) -> AsyncIterator[dict]:
         """OpenAI's stream chunks: text as it comes, then each choice's finish_reason."""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         for i, choice in enumerate(self.choices):
             if self.chat:
                 yield self.head(kind) | {"choices": [self.choice(i, "", None, first=True)]}
-            for text in choice:
+            async for text in choice.pieces():
                 yield self.head(kind) | {"choices": [self.choice(i, text, None)]}
             yield self.head(kind) | {"choices": [self.choice(i, None, choice.finish_reason)]}
         if include_usage:
             yield self.head(kind) | {"choices": [], "usage": self.usage()}
 
 
-async def event_stream(chunks: Iterator[dict], cancel: Callable[[], None]) -> AsyncIterator[str]:
+async def event_stream(chunks: AsyncIterator[dict], cancel: Callable[[], None]) -> AsyncIterator[str]:
     """Server-sent events, one per chunk, then `data: [DONE]`.
 
-    A thread of its own waits for the tokens and encodes the chunks; each write sends every event
-    ready by then (one per token, unless the event loop fell behind). A client that goes away
-    cancels the job (Starlette cancels this generator), so its batch slots are freed at once.
+    Chunks are made on the event loop as the decoding thread hands over its steps. A client that
+    goes away cancels the job (Starlette cancels this generator), so its batch slots are freed at
+    once.
     """
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def send(event: str | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed: the server is shutting down
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-    def pump() -> None:
-        try:
-            for chunk in chunks:
-                send(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n")
-            send("data: [DONE]\n\n")
-        except Exception:
-            log.exception("a stream failed")  # a bug: tell the client in the stream, keep serving others
-            send(f"data: {json.dumps(error_body('internal error while generating', 'server_error'))}\n\n")
-        finally:
-            send(None)
-
-    threading.Thread(target=pump, name="smallgpt-stream", daemon=True).start()
     try:
-        while True:
-            ready = [await events.get()]
-            while not events.empty():
-                ready.append(events.get_nowait())
-            text = "".join(event for event in ready if event is not None)
-            if text:
-                yield text
-            if None in ready:
-                return
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    except Exception:
+        log.exception("a stream failed")  # a bug: tell the client in the stream, keep serving others
+        yield f"data: {json.dumps(error_body('internal error while generating', 'server_error'))}\n\n"
     finally:
         cancel()
 
@@ -354,7 +329,7 @@ async def event_stream(chunks: Iterator[dict], cancel: Callable[[], None]) -> As
 async def respond(job: Job, body: Body) -> Response:
     if not body.stream:
         try:
-            return JSONResponse(await anyio.to_thread.run_sync(job.whole))
+            return JSONResponse(await job.whole())
         finally:
             job.cancel()
     include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -369,15 +344,7 @@ async def respond(job: Job, body: Body) -> Response:
 
 
 def create_app(models: dict[str, ServedModel], api_key: str | None = None) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # every running or waiting request without `stream` holds a worker thread until it is done
-        limiter = anyio.to_thread.current_default_thread_limiter()
-        streams = sum(m.scheduler.engine.max_batch + m.scheduler.max_queue for m in models.values())
-        limiter.total_tokens = max(limiter.total_tokens, streams + 8)
-        yield
-
-    app = FastAPI(title="smallgpt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="smallgpt", docs_url=None, redoc_url=None, openapi_url=None)
 
     def find(name: str) -> ServedModel:
         if name not in models:

@@ -7,7 +7,10 @@ model has one scheduler, and each completion is one of its requests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import torch
 
 from smallgpt.chat.format import BOT, CHAT_TOKENS, USER, ChatFormat, keep_recent
 from smallgpt.data.tokenizers import Tokenizer
-from smallgpt.decode import CANCELLED, BatchScheduler, DecodeEngine, SamplingSettings, TokenStream
+from smallgpt.decode import CANCELLED, STOP, BatchScheduler, DecodeEngine, SamplingSettings, TokenStream
 from smallgpt.errors import UserError
 from smallgpt.generate import StreamDecoder
 from smallgpt.model.gpt import GPT
@@ -40,45 +43,98 @@ class Sampling:
 class Completion:
     """One choice being generated: its text pieces as they come, then why it ended.
 
-    Iterating yields text; afterwards `finish_reason` is "stop" (end-of-text, end-of-turn or a stop
-    text) or "length" (max_tokens reached) and `completion_tokens` counts the tokens the model made
-    (the end-of-text or end-of-turn that ended it included). `cancel()` may be called from any
-    thread and frees the batch slot at once.
+    `pieces()` yields text (one piece per token that completes text) and is read on an event loop:
+    it never blocks, and wakes when the decoding thread hands over a step. Afterwards
+    `finish_reason` is "stop" (end-of-text, end-of-turn or a stop text) or "length" (max_tokens
+    reached) and `completion_tokens` counts the tokens the model made (the end-of-text or
+    end-of-turn that ended it included). `cancel()` frees the batch slot at once.
     """
 
     def __init__(self, tokens: TokenStream, tokenizer: Tokenizer, stop: list[str]):
-        self.tokens, self.tokenizer, self.stop = tokens, tokenizer, stop
+        self.tokens, self.stop = tokens, stop
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self._decoder, self._pending = StreamDecoder(tokenizer), ""
 
-    def __iter__(self) -> Iterator[str]:
-        decoder, pending, stop_ids = StreamDecoder(self.tokenizer), "", self.tokens.settings.stop_ids
+    async def pieces(self) -> AsyncIterator[str]:
+        wakeups = Wakeups.of_running_loop()
+        self.tokens.notify = wakeups.wake
         try:
-            for token_id in self.tokens:
-                self.completion_tokens += 1
-                if token_id in stop_ids:
-                    break
-                pending += decoder.push(token_id)
-                ready, pending, stopped = split_at_stop(pending, self.stop)
-                if ready:
-                    yield ready
-                if stopped:
-                    self.finish_reason = "stop"
-                    return
-            ready, _, stopped = split_at_stop(pending + decoder.flush(), self.stop, final=True)
-            if ready:
-                yield ready
-            self.finish_reason = "stop" if stopped else self.tokens.finish_reason
+            while self.finish_reason is None:
+                ids = self.tokens.take_ready()
+                if not ids and self.tokens.finish_reason is None:
+                    await wakeups.wait()  # nothing was ready: no step can slip in before this waits
+                    continue
+                for token_id in ids:
+                    if self.finish_reason is None and (text := self._read(token_id)):
+                        yield text
+                if self.finish_reason is None and self.tokens.finish_reason is not None:
+                    if text := self._end(self.tokens.finish_reason):
+                        yield text
         finally:
             self.tokens.close()  # a no-op when the request ended; frees its slot when it did not
 
-    def text(self) -> str:
-        return "".join(self)
+    async def text(self) -> str:
+        return "".join([piece async for piece in self.pieces()])
 
     def cancel(self) -> None:
-        """End the request from another thread, also waking a reader blocked on its next token."""
+        """End the request, also waking a reader waiting for its next token."""
         self.tokens.close()
         self.tokens.put(CANCELLED)
+        if self.tokens.notify is not None:
+            self.tokens.notify()
+
+    def _read(self, token_id: int) -> str:
+        """The text that token_id lets through; ends the completion at a stop id or stop text."""
+        self.completion_tokens += 1
+        if token_id in self.tokens.settings.stop_ids:
+            return self._end(STOP)
+        self._pending += self._decoder.push(token_id)
+        ready, self._pending, stopped = split_at_stop(self._pending, self.stop)
+        self.finish_reason = "stop" if stopped else None
+        return ready
+
+    def _end(self, reason: str) -> str:
+        """The text held back, now that the completion ended for `reason`."""
+        ready, _, stopped = split_at_stop(self._pending + self._decoder.flush(), self.stop, final=True)
+        self.finish_reason = STOP if stopped else reason
+        return ready
+
+
+class Wakeups:
+    """The decoding threads' hand-over to one event loop: every step that delivered tokens to its
+    streams makes one call_soon_threadsafe, which wakes every completion waiting there (each then
+    takes what is ready, or waits again): one hand-over per step, instead of a thread per stream
+    that wakes at every token (docs/serve.md's load benchmark compares the two)."""
+
+    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Wakeups] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.waiting: list[asyncio.Future[None]] = []
+
+    @classmethod
+    def of_running_loop(cls) -> Wakeups:
+        loop = asyncio.get_running_loop()
+        if loop not in cls._by_loop:
+            cls._by_loop[loop] = cls(loop)
+        return cls._by_loop[loop]
+
+    async def wait(self) -> None:
+        future = self.loop.create_future()
+        self.waiting.append(future)
+        await future
+
+    def wake(self) -> None:
+        """Thread-safe: called by a decoding thread after a step."""
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            self.loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            if not future.done():  # a cancelled waiter (its client went away) is done
+                future.set_result(None)
 
 
 def split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[str, str, bool]:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from smallgpt.data.loader import Batch
-from smallgpt.device import cpu_matmul_precision
+from smallgpt.device import cpu_has_bf16, cpu_matmul_precision
 from smallgpt.errors import TrainingDiverged, UserError
 from smallgpt.model.gpt import ModelConfig
 from smallgpt.progress import progress_bar
@@ -182,6 +182,13 @@ class Trainer:
         # bfloat16 on a CPU: weights and activations stay fp32 and only matmuls round their inputs
         # to bf16; autocast (bf16 activations) is slower there (casts, bf16 element-wise kernels)
         self.cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
+        if self.cpu_bf16 and not cpu_has_bf16() and self.dist.is_main:
+            # oneDNN rounds matmul inputs only where the CPU multiplies bf16 itself
+            print(
+                "note: this CPU has no native bfloat16 (AVX512-BF16 or AMX): dtype=bfloat16 trains "
+                "in float32 here, at float32 speed",
+                file=sys.stderr,
+            )
         if self.dtype == torch.float32 or self.cpu_bf16:
             self.autocast = contextlib.nullcontext
         else:
