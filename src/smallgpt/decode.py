@@ -393,8 +393,8 @@ class TokenStream:
                 item = self._items.get_nowait()
             except queue.Empty:
                 break
-            token_id = self._accept(item)
-            ids += [] if token_id is None else [token_id]
+            if (token_id := self._accept(item)) is not None:
+                ids.append(token_id)
         return ids
 
     def _accept(self, item: int | str | BaseException) -> int | None:

@@ -91,7 +91,7 @@ class Completion:
             return self._end(STOP)
         self._pending += self._decoder.push(token_id)
         ready, self._pending, stopped = split_at_stop(self._pending, self.stop)
-        self.finish_reason = "stop" if stopped else None
+        self.finish_reason = STOP if stopped else None
         return ready
 
     def _end(self, reason: str) -> str:
