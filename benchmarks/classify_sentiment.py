@@ -31,7 +31,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import random
 import statistics
 import tempfile
@@ -92,15 +91,16 @@ def labelled_splits(data: Path, sizes: dict[str, int], seed: int) -> dict[str, l
 
 
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
-    """Written beside and renamed into place: a run reading it in parallel sees the whole file."""
+    """Written atomically: a run reading it in parallel sees the whole file."""
     import csv
 
-    temporary = path.with_suffix(f".{os.getpid()}.tmp")
-    with temporary.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["label", "review"])
-        writer.writerows(rows)
-    temporary.replace(path)
+    from smallgpt.io import atomic_write_text
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["label", "review"])
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def pretrain(corpus: Path, work: Path, args: argparse.Namespace) -> tuple[Path, float]:
@@ -192,10 +192,10 @@ def cached_baselines(path: Path, splits: dict[str, list[tuple[str, str]]]) -> li
     if path.is_file():
         print(f"reusing the baselines in {path}")
         return json.loads(path.read_text())
+    from smallgpt.io import atomic_write_json
+
     baselines = tfidf_baselines(splits)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(baselines))
-    temporary.replace(path)
+    atomic_write_json(path, baselines)
     return baselines
 
 
