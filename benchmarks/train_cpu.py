@@ -5,7 +5,7 @@
 
 The first form trains smallgpt once and prints tokens/s, wall time and final val loss. `--compare
 N` runs benchmarks/nanogpt_baseline.py (nanoGPT's training step for this config, restated) and
-smallgpt (once per `--dtypes`: float32, and bfloat16, which on a CPU means bf16 matmuls) N times
+smallgpt (once per `--dtypes`: float32, and bfloat16, which on a CPU means bf16 autocast) N times
 each, alternating, each in a fresh process, and prints every run and the medians:
 end-to-end seconds (the whole training call, evaluations and checkpoints included), training
 tokens/s (optimizer steps only) and the final val loss, with smallgpt's ratio to nanoGPT.

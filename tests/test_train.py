@@ -8,6 +8,7 @@ import yaml
 from smallgpt.config import load_config
 from smallgpt.errors import UserError
 from smallgpt.experiments.metrics import events
+from smallgpt.model.gpt import GPT
 from smallgpt.preparation import PrepareArgs, run_prepare
 from smallgpt.train import checkpoint
 from smallgpt.train.run import train
@@ -200,17 +201,24 @@ def test_peak_flops_by_device_name(monkeypatch, name, peak):
     assert peak_flops(torch.device("cpu")) is None
 
 
-def test_cpu_bfloat16_rounds_only_matmul_inputs_while_training(char_data, tmp_path, monkeypatch):
-    """dtype bfloat16 on a CPU: weights stay fp32, matmuls run in bf16 during training (steps and
-    evaluations), and the process is back to full-precision matmuls afterwards."""
+def autocast_in_forward(monkeypatch) -> list[tuple[bool, bool, torch.dtype]]:
+    """What each GPT forward sees: (training, CPU autocast on, its dtype)."""
     seen = []
-    step = Trainer.train_step
+    forward = GPT.forward
 
-    def spy(self):
-        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
-        return step(self)
+    def spy(self, *args, **kwargs):
+        seen.append((self.training, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "train_step", spy)
+    monkeypatch.setattr(GPT, "forward", spy)
+    return seen
+
+
+def test_cpu_bfloat16_autocasts_while_training(char_data, tmp_path, monkeypatch):
+    """dtype bfloat16 on a CPU with native bf16: steps and evaluations run under bf16 autocast, the
+    weights stay fp32, and the loss falls as in fp32."""
+    monkeypatch.setattr(sys.modules[Trainer.__module__], "cpu_has_bf16", lambda: True)
+    seen = autocast_in_forward(monkeypatch)
     metrics = run(
         char_data,
         tmp_path / "run",
@@ -219,8 +227,9 @@ def test_cpu_bfloat16_rounds_only_matmul_inputs_while_training(char_data, tmp_pa
         "--learning_rate=3e-3",
         "--dtype=bfloat16",
     )
-    assert set(seen) == {"bf16"} and len(seen) == 60
-    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"
+    assert seen.count((True, True, torch.bfloat16)) == 60  # every training step
+    assert {autocast for _, autocast, _ in seen} == {True}  # and every evaluation
+    assert not torch.is_autocast_enabled("cpu")
     assert metrics["val_loss"] < 3.3  # as the fp32 run of test_training_lowers_loss_and_writes_the_run
     weights = checkpoint.load_model(tmp_path / "run" / "ckpt" / "last", torch.device("cpu"))
     assert all(p.dtype == torch.float32 for p in weights.parameters())
@@ -228,10 +237,13 @@ def test_cpu_bfloat16_rounds_only_matmul_inputs_while_training(char_data, tmp_pa
 
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_bfloat16_says_when_the_cpu_has_none(char_data, tmp_path, monkeypatch, capsys, native):
+    """Without native bf16 the run trains in fp32 (emulated bf16 is slower) and says so."""
     monkeypatch.setattr(sys.modules[Trainer.__module__], "cpu_has_bf16", lambda: native)
+    seen = autocast_in_forward(monkeypatch)
     run(char_data, tmp_path / "run", "--max_iters=2", "--eval_interval=2", "--dtype=bfloat16")
     said = "no native bfloat16" in capsys.readouterr().err
     assert said == (not native)
+    assert {autocast for _, autocast, _ in seen} == {native}
 
 
 def test_cpu_trains_in_float32_unless_asked():

@@ -1,14 +1,7 @@
-"""Which torch device a command runs on: training, sampling, chat, classify and serving all ask here.
-
-Also how a CPU multiplies fp32 matrices: `cpu_bf16_matmuls()` lets oneDNN round their inputs to
-bfloat16 (products accumulate in fp32), the CPU's counterpart of TF32 on a GPU.
-"""
+"""Which torch device a command runs on: training, sampling, chat, classify and serving all ask here;
+and whether a CPU computes in bfloat16 itself."""
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
-from typing import Any
 
 import torch
 
@@ -36,26 +29,3 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX) rather than emulating it."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
-@contextlib.contextmanager
-def cpu_matmul_precision(precision: str) -> Iterator[None]:
-    """Within the block, fp32 matmuls on the CPU take `precision`: "bf16" (inputs rounded to
-    bfloat16, fp32 accumulation) or "ieee" (full fp32). Autograd's backward inherits it when it
-    runs inside the block."""
-    settings = _mkldnn_matmul()
-    previous = settings.fp32_precision
-    settings.fp32_precision = precision
-    try:
-        yield
-    finally:
-        settings.fp32_precision = previous
-
-
-def cpu_bf16_matmuls() -> bool:
-    """Whether fp32 matmuls on the CPU currently round their inputs to bfloat16."""
-    return _mkldnn_matmul().fp32_precision == "bf16"
-
-
-def _mkldnn_matmul() -> Any:
-    return getattr(torch.backends.mkldnn, "matmul")  # noqa: B009 (torch's type stubs lack it)

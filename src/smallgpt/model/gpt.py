@@ -11,14 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from smallgpt.device import cpu_bf16_matmuls, cpu_matmul_precision
 from smallgpt.errors import UserError
 
 
@@ -187,20 +185,17 @@ def attention(
     dropout_p: float,
     is_causal: bool,
 ) -> torch.Tensor:
-    """Scaled dot-product attention (B, nh, T, hs); in full fp32 on a CPU whose other matmuls run
-    in bf16 (training's dtype bfloat16 there): torch's CPU attention kernels are several times
-    slower with bf16 matmuls, while the model's Linear layers are several times faster."""
+    """Scaled dot-product attention (B, nh, T, hs); in fp32 under a CPU's bf16 autocast (training's
+    dtype bfloat16 there): torch's CPU attention backward is about 3x slower in bf16, while the
+    model's Linear layers are over 2x faster."""
     if torch.compiler.is_compiling() and q.device.type == "cpu" and q.size(2) == 1 and attn_mask is not None:
         return _one_query_attention(q, k, v, attn_mask)
-    sdpa = partial(
-        F.scaled_dot_product_attention, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return attention(q.float(), k.float(), v.float(), attn_mask, dropout_p, is_causal)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
     )
-    if not torch.compiler.is_compiling() and q.device.type == "cpu" and cpu_bf16_matmuls():
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            return _FullPrecisionAttention.apply(q, k, v, sdpa)
-        with cpu_matmul_precision("ieee"):
-            return sdpa(q, k, v)
-    return sdpa(q, k, v)
 
 
 def _one_query_attention(
@@ -213,28 +208,6 @@ def _one_query_attention(
     scores = (q * k).sum(-1) / math.sqrt(q.size(-1))  # (B, nh, T)
     weights = scores.masked_fill(~mask[:, :, 0], float("-inf")).softmax(dim=-1)  # (B, nh, T)
     return (weights.unsqueeze(-1) * v).sum(dim=-2, keepdim=True)  # (B, nh, 1, hs)
-
-
-class _FullPrecisionAttention(torch.autograd.Function):
-    """Attention whose forward and backward both run with full-precision CPU matmuls: the forward
-    builds its own small graph, and the backward differentiates it under the same precision."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, sdpa):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
-        with torch.enable_grad(), cpu_matmul_precision("ieee"):
-            out = sdpa(*inputs)
-        ctx.inputs, ctx.out = inputs, out
-        return out.detach()
-
-    @staticmethod
-    def backward(ctx, grad):
-        needed = [t for t in ctx.inputs if t.requires_grad]
-        with cpu_matmul_precision("ieee"):
-            grads = iter(torch.autograd.grad(ctx.out, needed, grad))
-        input_grads = [next(grads) if t.requires_grad else None for t in ctx.inputs]
-        ctx.inputs = ctx.out = None  # free the inner graph
-        return (*input_grads, None)
 
 
 class CausalSelfAttention(nn.Module):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from smallgpt.data.loader import Batch
-from smallgpt.device import cpu_has_bf16, cpu_matmul_precision
+from smallgpt.device import cpu_has_bf16
 from smallgpt.errors import TrainingDiverged, UserError
 from smallgpt.model.gpt import ModelConfig
 from smallgpt.progress import progress_bar
@@ -99,10 +99,10 @@ class LoopSettings:
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
     """The training dtype: `auto` is bfloat16 on GPUs that have it (else float16), float32 elsewhere.
 
-    On a CPU, bfloat16 must be asked for: it means bf16 matmuls (see Trainer), several times faster
-    on CPUs with AMX, and the same val loss on nanoGPT's CPU quick start (docs/benchmarks.md); but a
-    tiny model memorising at lr 1e-2 converged slower with it (test_chat's fixture: 0.29 vs 0.18
-    val loss over 4 seeds), so it is not the default.
+    On a CPU, bfloat16 must be asked for: autocast runs the Linear layers in bf16 (weights stay
+    fp32), 1.4x faster steps on nanoGPT's CPU quick start on an AVX512-BF16 CPU with the same val
+    loss (docs/benchmarks.md); but a tiny model memorising at lr 1e-2 converged slower with bf16
+    (test_chat's fixture: 0.29 vs 0.18 val loss over 4 seeds), so it is not the default.
     """
     if name == "auto":
         if device.type != "cuda":
@@ -179,17 +179,16 @@ class Trainer:
         self.dtype = autocast_dtype(t.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.autocast: Callable[[], contextlib.AbstractContextManager]
-        # bfloat16 on a CPU: weights and activations stay fp32 and only matmuls round their inputs
-        # to bf16; autocast (bf16 activations) is slower there (casts, bf16 element-wise kernels)
-        self.cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
-        if self.cpu_bf16 and not cpu_has_bf16() and self.dist.is_main:
-            # oneDNN rounds matmul inputs only where the CPU multiplies bf16 itself
-            print(
-                "note: this CPU has no native bfloat16 (AVX512-BF16 or AMX): dtype=bfloat16 trains "
-                "in float32 here, at float32 speed",
-                file=sys.stderr,
-            )
-        if self.dtype == torch.float32 or self.cpu_bf16:
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_bf16():
+            # emulated bf16 would be several times slower than fp32
+            if self.dist.is_main:
+                print(
+                    "note: this CPU has no native bfloat16 (AVX512-BF16 or AMX): dtype=bfloat16 "
+                    "trains in float32 here",
+                    file=sys.stderr,
+                )
+            self.dtype = torch.float32
+        if self.dtype == torch.float32:
             self.autocast = contextlib.nullcontext
         else:
             self.autocast = lambda: torch.autocast(self.device.type, dtype=self.dtype)
@@ -417,10 +416,6 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train until max_iters (or max_seconds); returns the last evaluation's metrics."""
-        with cpu_matmul_precision("bf16") if self.cpu_bf16 else contextlib.nullcontext():
-            return self._fit()
-
-    def _fit(self) -> dict[str, float]:
         t, main = self.settings, self.dist.is_main
         # a resumed run was evaluated at its first step before it stopped, unless it is done
         skip_first_eval = self.resumed and self.evaluated_at_resume and not self._done()
