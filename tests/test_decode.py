@@ -63,6 +63,18 @@ def test_cache_matches_full_recompute_greedy(options):
         assert alone(model, prompt(5, seed), settings) == alone(model, prompt(5, seed), settings, False)
 
 
+def test_a_cpu_caches_keys_and_values_in_fp32_for_a_bf16_model():
+    """Attention runs in fp32 on a CPU, so the cache is kept in fp32 rather than cast every layer;
+    the batch decodes as before."""
+    model = tiny().to(torch.bfloat16)
+    engine = DecodeEngine(model, max_batch=2)
+    assert engine.cache is not None
+    assert {t.dtype for t in engine.cache.keys + engine.cache.values} == {torch.float32}
+    settings = SamplingSettings(max_new_tokens=40, temperature=0)  # 3 + 40 > BLOCK: the slot slides
+    tokens, reasons = run_batched(engine, {0: [(prompt(3, 0), settings), (prompt(9, 1), settings)]})
+    assert [len(t) for t in tokens] == [40, 40] and reasons == ["length", "length"]
+
+
 @pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("options", POSITIONS)
 def test_batched_greedy_equals_each_request_alone(options, compile, monkeypatch):

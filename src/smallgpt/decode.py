@@ -111,7 +111,9 @@ class DecodeEngine:
         self.model, self.max_batch = model, max_batch
         self.block_size, self.vocab_size = model.config.block_size, model.config.vocab_size
         self.device, dtype = model.activations
-        self.cache = KVCache(model.config, max_batch, self.device, dtype) if use_cache else None
+        # a CPU attends in fp32 (model.gpt.attention): an fp32 cache spares casting it every layer
+        cache_dtype = torch.float32 if self.device.type == "cpu" else dtype
+        self.cache = KVCache(model.config, max_batch, self.device, cache_dtype) if use_cache else None
         self.decode_all = compile_decode_step() if compile else None
         self.slots: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()  # added, joining at the next step with a free slot
@@ -291,8 +293,9 @@ class AllSlots(KVCache):
         return self.positions[:, None], visible[:, None, None, :]  # (S, 1), (S, 1, 1, block)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys[layer][self.slots, :, self.positions] = k[:, :, 0]  # (S, nh, hs) at each position
-        self.values[layer][self.slots, :, self.positions] = v[:, :, 0]
+        dtype = self.keys[layer].dtype
+        self.keys[layer][self.slots, :, self.positions] = k[:, :, 0].to(dtype)  # (S, nh, hs) at each position
+        self.values[layer][self.slots, :, self.positions] = v[:, :, 0].to(dtype)
         return self.keys[layer], self.values[layer]  # (S, nh, block, hs)
 
 

@@ -163,9 +163,10 @@ class KVCache:
         return self.positions, visible[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values (B, nh, T_new, hs) at the positions `append` made room for;
-        return the selected slots' keys/values so far (B, nh, end, hs)."""
+        """Store the new keys/values (B, nh, T_new, hs) at the positions `append` made room for (in
+        the cache's dtype); return the selected slots' keys/values so far (B, nh, end, hs)."""
         rows, end = self.read_rows, self.end
+        k, v = k.to(self.keys[layer].dtype), v.to(self.values[layer].dtype)
         if isinstance(rows, slice) and self.shared_start is not None:
             # a run of slots at one position (batch 1, or a batch that started together): a plain
             # copy into a view, cheaper than the scatter below
@@ -185,14 +186,16 @@ def attention(
     dropout_p: float,
     is_causal: bool,
 ) -> torch.Tensor:
-    """Scaled dot-product attention (B, nh, T, hs); in fp32 under a CPU's bf16 autocast (training's
-    dtype bfloat16 there): torch's CPU attention backward is about 3x slower in bf16, while the
-    model's Linear layers are over 2x faster."""
+    """Scaled dot-product attention (B, nh, T, hs). On a CPU it runs in fp32 when its inputs are
+    bf16 (a bf16 model, or training's bf16 autocast): torch's CPU attention kernels are several times
+    slower in bf16 (the forward at one query per row 6x, the backward 3x), and attention's inputs are
+    small next to the Linear layers', which are over 2x faster in bf16."""
     if torch.compiler.is_compiling() and q.device.type == "cpu" and q.size(2) == 1 and attn_mask is not None:
         return _one_query_attention(q, k, v, attn_mask)
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if q.device.type == "cpu" and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
         with torch.autocast("cpu", enabled=False):
-            return attention(q.float(), k.float(), v.float(), attn_mask, dropout_p, is_causal)
+            y = attention(q.float(), k.float(), v.float(), attn_mask, dropout_p, is_causal)
+        return y.to(q.dtype)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
     )
@@ -207,7 +210,7 @@ def _one_query_attention(
     the attention kernel, built for many queries at once, took 0.29 ms."""
     scores = (q * k).sum(-1) / math.sqrt(q.size(-1))  # (B, nh, T)
     weights = scores.masked_fill(~mask[:, :, 0], float("-inf")).softmax(dim=-1)  # (B, nh, T)
-    return (weights.unsqueeze(-1) * v).sum(dim=-2, keepdim=True)  # (B, nh, 1, hs)
+    return (weights.unsqueeze(-1) * v).sum(dim=-2, keepdim=True).to(q.dtype)  # (B, nh, 1, hs)
 
 
 class CausalSelfAttention(nn.Module):
