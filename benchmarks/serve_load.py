@@ -1,6 +1,7 @@
 """Load test of `smallgpt serve`: 1, 4 and 8 concurrent streaming clients on 127.0.0.1.
 
     python benchmarks/serve_load.py [--clients 1 4 8] [--seconds 20] [--max-tokens 200] [--threads N]
+                                    [--dtype bfloat16] [--quantize int8] [--compile]
 
 Serves a randomly initialised GPT of nanoGPT's shakespeare size (6 layers, 384 wide, block 256,
 char vocabulary; speed does not depend on the weights) with `smallgpt serve --max-batch 8` in a
@@ -8,7 +9,9 @@ child process, then lets each client stream greedy completions one after another
 (at most --max-requests each). Reports aggregate tokens/s, time to first token and time between
 tokens (p50/p95, as the clients see them), next to benchmarks/generate.py's figures: the engine's
 KV-cache decoding of one request and of 8 together, in this process with the same threads and no
-HTTP (what the server can reach at most).
+HTTP (what the server can reach at most), and the CPU the server process used (in cores: with the
+decoding thread and the event loop taking turns at the GIL it stays near 1 on any core count).
+`--dtype`, `--quantize` and `--compile` go to the server and to those engines alike.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import socket
 import statistics
@@ -33,6 +37,7 @@ from generate import tokens_per_second
 from smallgpt.data.tokenizers import CharTokenizer, save_tokenizer
 from smallgpt.decode import DecodeEngine
 from smallgpt.model.gpt import GPT, ModelConfig
+from smallgpt.model.quantize import for_inference
 from smallgpt.train import checkpoint
 
 HOST = "127.0.0.1"  # the only address this benchmark talks to
@@ -59,10 +64,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, port: int, threads: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def start_server(run: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     command = [sys.executable, "-m", "smallgpt", "serve", "--run", str(run), "--port", str(port)]
     command += ["--host", HOST, "--device", "cpu", "--max-batch", "8"]
+    command += ["--dtype", args.dtype, "--quantize", args.quantize] + (["--compile"] if args.compile else [])
     with open(log, "w") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
@@ -124,8 +130,18 @@ def percentile(values: list[float], p: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[p - 1] if len(values) > 1 else values[0]
 
 
-def load(port: int, model: str, clients: int, args: argparse.Namespace) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux's /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(server: subprocess.Popen, port: int, model: str, clients: int, args: argparse.Namespace) -> dict:
     runners = [Client(port, model, args.max_tokens, prompt=f"ROMEO {chr(65 + i)}:") for i in range(clients)]
+    server_cpu = cpu_seconds(server.pid)
     start = time.perf_counter()
     threads = [
         threading.Thread(target=c.run, args=(start + args.seconds, args.max_requests)) for c in runners
@@ -137,6 +153,7 @@ def load(port: int, model: str, clients: int, args: argparse.Namespace) -> dict:
     if any(not c.first_token for c in runners):
         raise SystemExit("a client got no token: see the error above")
     elapsed = time.perf_counter() - start
+    server_cores = (cpu_seconds(server.pid) - server_cpu) / elapsed
     first = [t for c in runners for t in c.first_token]
     between = [t for c in runners for t in c.between]
     return {
@@ -144,6 +161,7 @@ def load(port: int, model: str, clients: int, args: argparse.Namespace) -> dict:
         "requests": len(first),
         "ttft": (percentile(first, 50), percentile(first, 95)),
         "tbt": (percentile(between, 50), percentile(between, 95)),
+        "server_cores": server_cores,
     }
 
 
@@ -162,6 +180,9 @@ def main() -> None:
         default=torch.get_num_threads(),
         help="torch threads of the server (and the baseline)",
     )
+    parser.add_argument("--dtype", default="float32", help="the weights' dtype (as `smallgpt serve --dtype`)")
+    parser.add_argument("--quantize", default="none", help="int8 weights (as `smallgpt serve --quantize`)")
+    parser.add_argument("--compile", action="store_true", help="compiled decoding step (as `smallgpt serve`)")
     parser.add_argument("--n_layer", type=int, default=6)
     parser.add_argument("--n_embd", type=int, default=384)
     parser.add_argument("--block_size", type=int, default=256)
@@ -170,25 +191,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "shakespeare-6x384"
         model = write_random_run(run, args.n_layer, args.n_embd, args.block_size)
+        parameters = model.num_params()
         torch.set_num_threads(args.threads)
+        model = for_inference(model, args.dtype, args.quantize)
         with torch.inference_mode():
-            one, eight = DecodeEngine(model, max_batch=1), DecodeEngine(model, max_batch=8)
-            tokens_per_second(one, 20)  # warm-up
+            one = DecodeEngine(model, max_batch=1, compile=args.compile)
+            eight = DecodeEngine(model, max_batch=8, compile=args.compile)
+            tokens_per_second(one, 20)  # warm-up (and compiling)
+            tokens_per_second(eight, 2)
             alone = tokens_per_second(one, args.max_tokens)  # generate.py's KV-cache row
             batch8 = tokens_per_second(eight, args.max_tokens)  # the engine's ceiling
         port = free_port()
-        server = start_server(run, port, args.threads, Path(tmp) / "serve.log")
+        server = start_server(run, port, args, Path(tmp) / "serve.log")
         try:
             Client(port, run.name, 20, "warm-up").stream_one()
-            results = {n: load(port, run.name, n, args) for n in args.clients}
+            results = {n: load(server, port, run.name, n, args) for n in args.clients}
         finally:
             server.terminate()
             server.wait(timeout=30)
 
     base = results[args.clients[0]]["tokens_per_s"]
     rows = [
-        ["engine alone, batch 1, no HTTP (generate.py's KV cache)", "-", f"{alone:,.0f}", "", "", ""],
-        ["engine alone, batch 8, no HTTP", "-", f"{batch8:,.0f} ({batch8 / alone:.1f}x)", "", "", ""],
+        ["engine alone, batch 1, no HTTP (generate.py's KV cache)", "-", f"{alone:,.0f}", "", "", "", ""],
+        ["engine alone, batch 8, no HTTP", "-", f"{batch8:,.0f} ({batch8 / alone:.1f}x)", "", "", "", ""],
     ]
     for n, r in results.items():
         rows.append(
@@ -199,12 +224,14 @@ def main() -> None:
                 f"{r['ttft'][0] * 1000:.0f} / {r['ttft'][1] * 1000:.0f}",
                 f"{r['tbt'][0] * 1000:.1f} / {r['tbt'][1] * 1000:.1f}",
                 f"{r['tokens_per_s'] / n:,.0f}",
+                f"{r['server_cores']:.2f}",
             ]
         )
     print(
-        f"{model.num_params() / 1e6:.1f}M parameters (random weights), block_size {args.block_size}, "
+        f"{parameters / 1e6:.1f}M parameters (random weights), block_size {args.block_size}, "
         f"greedy, max_tokens {args.max_tokens}, {args.seconds:.0f} s per level, server torch threads "
-        f"{args.threads}, on {machine()}, {today()}"
+        f"{args.threads}, --dtype {args.dtype} --quantize {args.quantize}{' --compile' * args.compile}, "
+        f"on {machine()}, {today()}"
     )
     header = [
         "load",
@@ -213,7 +240,7 @@ def main() -> None:
         "TTFT p50 / p95 ms",
         "between tokens p50 / p95 ms",
     ]
-    print(markdown_table([*header, "tokens/s per client"], rows))
+    print(markdown_table([*header, "tokens/s per client", "server CPU (cores)"], rows))
 
 
 if __name__ == "__main__":
