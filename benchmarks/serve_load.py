@@ -9,8 +9,8 @@ child process, then lets each client stream greedy completions one after another
 (at most --max-requests each). Reports aggregate tokens/s, time to first token and time between
 tokens (p50/p95, as the clients see them), next to benchmarks/generate.py's figures: the engine's
 KV-cache decoding of one request and of 8 together, in this process with the same threads and no
-HTTP (what the server can reach at most), and the CPU the server process used (in cores: with the
-decoding thread and the event loop taking turns at the GIL it stays near 1 on any core count).
+HTTP (what the server can reach at most), and the CPU the server used (in cores, its engine's process
+included).
 `--dtype`, `--quantize` and `--compile` go to the server and to those engines alike.
 """
 
@@ -131,12 +131,16 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux's /proc; NaN elsewhere)."""
+    """User + system CPU time a process and its children (the engines' processes) have used so far
+    (Linux's /proc; NaN elsewhere)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [
+            int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()
+        ]
     except OSError:
         return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, children))
 
 
 def load(server: subprocess.Popen, port: int, model: str, clients: int, args: argparse.Namespace) -> dict:

@@ -7,8 +7,8 @@ import torch
 
 from smallgpt import decode
 from smallgpt.decode import (
-    BatchScheduler,
     DecodeEngine,
+    EngineProcess,
     QueueFull,
     SamplingSettings,
     penalize_repeats,
@@ -214,7 +214,7 @@ def test_scheduler_batches_concurrent_requests_each_gets_its_own_text():
     settings = [SamplingSettings(max_new_tokens=30 + i, temperature=0) for i in range(6)]
     settings[5] = SamplingSettings(max_new_tokens=30, temperature=1.0, seed=5)
     prompts = [prompt(2 + 4 * i, i) for i in range(6)]
-    scheduler = BatchScheduler(DecodeEngine(model, max_batch=4), max_queue=8)
+    scheduler = EngineProcess(model, max_batch=4, max_queue=8)
     results: dict[int, list[int]] = {}
     start = threading.Barrier(6)
 
@@ -236,7 +236,7 @@ def test_scheduler_batches_concurrent_requests_each_gets_its_own_text():
 
 def test_scheduler_queue_full_and_cancel_on_close():
     model = tiny()
-    scheduler = BatchScheduler(DecodeEngine(model, max_batch=1), max_queue=1)
+    scheduler = EngineProcess(model, max_batch=1, max_queue=1)
     endless = SamplingSettings(max_new_tokens=10**9, temperature=0)
     short = SamplingSettings(max_new_tokens=5, temperature=0)
     running = scheduler.submit(prompt(3, 0), endless)
@@ -260,15 +260,12 @@ def test_scheduler_queue_full_and_cancel_on_close():
 def test_streams_sharing_a_notify_get_one_call_per_step():
     """The server's hand-over: however many streams got a token in a step, their shared notify
     (one event loop's wake-up) is called once for that step."""
-    engine = DecodeEngine(tiny(), max_batch=4)
-    gate, step = threading.Event(), engine.step
-    engine.step = lambda: (gate.wait(), step())[1]
-    scheduler = BatchScheduler(engine)
-    streams = [scheduler.submit(prompt(3, i), SamplingSettings(max_new_tokens=10)) for i in range(4)]
+    scheduler = EngineProcess(tiny(), max_batch=4)
     loop = Handover()
-    for stream in streams:
-        stream.notify = loop.wake  # a bound method per stream, all equal: as the server's
-    gate.set()
+    # a bound method per stream, all equal: as the server's
+    streams = [
+        scheduler.submit(prompt(3, i), SamplingSettings(max_new_tokens=10), loop.wake) for i in range(4)
+    ]
     tokens = sum(len(list(stream)) for stream in streams)
     scheduler.stop()
     assert tokens == 40 and scheduler.stats.max_batch_size == 4
@@ -282,31 +279,24 @@ class Handover:
         self.calls += 1
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_failing_step_reaches_every_caller():
-    engine = DecodeEngine(tiny(), max_batch=1)
-    scheduler = BatchScheduler(engine)
-    both_submitted = threading.Event()
-
-    def broken_step():  # a bug in the engine
-        both_submitted.wait()
-        raise ZeroDivisionError
-
-    engine.step = broken_step
-    streams = [scheduler.submit([1, 2], SamplingSettings(max_new_tokens=3)) for _ in range(2)]
-    both_submitted.set()
+def test_a_dead_engine_process_reaches_every_caller():
+    scheduler = EngineProcess(tiny(), max_batch=1)
+    streams = [scheduler.submit([1, 2], SamplingSettings(max_new_tokens=10**9)) for _ in range(2)]
+    next(streams[0])  # the engine runs
+    scheduler._process.kill()  # as a crash of the engine's process would
     for stream in streams:
-        with pytest.raises(RuntimeError, match="decoding thread failed"):
-            next(stream)
-    scheduler.stop()  # the thread has ended (its traceback went to threading.excepthook)
+        with pytest.raises(RuntimeError, match="decoding failed"):
+            list(stream)
     with pytest.raises(RuntimeError, match="stopped"):
         scheduler.submit([1], SamplingSettings())
+    scheduler.stop()
 
 
 def test_scheduler_stop_ends_open_streams():
-    scheduler = BatchScheduler(DecodeEngine(tiny(), max_batch=1))
+    scheduler = EngineProcess(tiny(), max_batch=1)
     stream = scheduler.submit([1, 2], SamplingSettings(max_new_tokens=10**9, temperature=0))
     next(stream)
     scheduler.stop()
     list(stream)  # ends instead of blocking
     assert stream.finish_reason == "cancelled"
+    assert not scheduler._process.is_alive()

@@ -4,7 +4,7 @@
 prefills the requests that just joined (and any whose context slid past block_size) one at a
 time, runs one forward for all the others together, and samples one token per request with that
 request's settings and random generator: what a request gets does not depend on its batch.
-`BatchScheduler` runs an engine on a background thread for concurrent callers (the server);
+`EngineProcess` runs an engine in a process of its own for concurrent callers (the server);
 `smallgpt sample`, `continue` and `chat` drive an engine through generate.Generator.
 
     engine = DecodeEngine(model, max_batch=8)
@@ -16,12 +16,16 @@ request's settings and random generator: what a request gets does not depend on 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import multiprocessing
 import queue
 import threading
 import types
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
 import torch
@@ -59,6 +63,17 @@ class SamplingSettings:
             raise UserError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
 
 
+def check_request(vocab_size: int, prompt_ids: Sequence[int], settings: SamplingSettings) -> None:
+    """Raise UserError for a request no engine of a model with this vocabulary can run."""
+    settings.validate()
+    if not prompt_ids:
+        raise UserError("a prompt needs at least one token")
+    ids = (*prompt_ids, *settings.stop_ids, *settings.suppress_ids)
+    outside = [i for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        raise UserError(f"token id {outside[0]} is outside the model's vocabulary of {vocab_size}")
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence in an engine: `DecodeEngine.add` returns it as the caller's handle."""
@@ -94,7 +109,7 @@ class EngineStats:
 
 
 class DecodeEngine:
-    """Batched decoding over a fixed number of slots; not thread-safe (BatchScheduler is).
+    """Batched decoding over a fixed number of slots; not thread-safe (EngineProcess is).
 
     use_cache=False recomputes each row's whole context every step (nanoGPT's algorithm: the
     reference the cache must match, and the speed baseline). compile=True runs the decoding forward
@@ -133,13 +148,7 @@ class DecodeEngine:
 
     def check(self, prompt_ids: Sequence[int], settings: SamplingSettings) -> None:
         """Raise UserError for a request this engine cannot run."""
-        settings.validate()
-        if not prompt_ids:
-            raise UserError("a prompt needs at least one token")
-        ids = (*prompt_ids, *settings.stop_ids, *settings.suppress_ids)
-        outside = [i for i in ids if not 0 <= i < self.vocab_size]
-        if outside:
-            raise UserError(f"token id {outside[0]} is outside the model's vocabulary of {self.vocab_size}")
+        check_request(self.vocab_size, prompt_ids, settings)
 
     def add(
         self,
@@ -368,12 +377,12 @@ class TokenStream:
     that must not block (an event loop) sets `notify` and calls take_ready() when it is called.
     """
 
-    def __init__(self, scheduler: BatchScheduler, prompt_ids: list[int], settings: SamplingSettings):
+    def __init__(self, scheduler: EngineProcess, prompt_ids: list[int], settings: SamplingSettings):
         self._scheduler, self.prompt_ids, self.settings = scheduler, prompt_ids, settings
         self._items: queue.SimpleQueue[int | str | BaseException] = queue.SimpleQueue()
-        self.request: Request | None = None  # the engine's handle, once the scheduler has added it
         self.finish_reason: str | None = None
-        # Called on the decoding thread once per step that delivered to this stream (or ended it).
+        self.request_id = -1  # the scheduler's number for it
+        # Called on the scheduler's reader thread once per step that delivered to it (or ended it).
         # Streams sharing one callable share one call per step: one hand-over to their reader.
         self.notify: Callable[[], None] | None = None
 
@@ -406,7 +415,7 @@ class TokenStream:
             return item
         if isinstance(item, BaseException):
             self.finish_reason = CANCELLED
-            raise RuntimeError("the decoding thread failed") from item
+            raise RuntimeError("decoding failed") from item
         self.finish_reason = item
         return None
 
@@ -425,123 +434,169 @@ class TokenStream:
         self.close()
 
 
-class BatchScheduler:
-    """Runs a DecodeEngine on a background thread; requests join and leave its batch between steps.
-
-    submit() is thread-safe and returns at once; the request waits in a queue of at most max_queue
-    requests until a slot is free (QueueFull beyond). stop() ends the thread and every open stream.
-    """
-
-    def __init__(self, engine: DecodeEngine, max_queue: int = 64):
-        self.engine, self.max_queue = engine, max_queue
-        self._wake = threading.Condition()  # guards everything below; the engine is the thread's
-        self._queue: deque[TokenStream] = deque()
-        self._cancelled: list[TokenStream] = []
-        self._running: dict[Request, TokenStream] = {}
-        self._stats = engine.stats.copy()
-        self._stopping = False
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="smallgpt-decode", daemon=True)
-        self._thread.start()
-
-    def submit(self, prompt_ids: Sequence[int], settings: SamplingSettings) -> TokenStream:
-        """Queue a request; iterate the returned stream for its token ids. UserError for a bad
-        request, QueueFull when max_queue requests already wait."""
-        self.engine.check(prompt_ids, settings)
-        stream = TokenStream(self, list(prompt_ids), settings)
-        with self._wake:
-            if self._stopping or self._failure is not None:
-                raise RuntimeError("the scheduler has stopped")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are already waiting")
-            self._queue.append(stream)
-            self._wake.notify()
-        return stream
-
-    def cancel(self, stream: TokenStream) -> None:
-        with self._wake:
-            if stream in self._queue:
-                self._queue.remove(stream)
-            else:
-                self._cancelled.append(stream)
-                self._wake.notify()
-
-    @property
-    def stats(self) -> EngineStats:
-        """The engine's counters after its latest step."""
-        with self._wake:
-            return self._stats.copy()
-
-    @property
-    def load(self) -> tuple[int, int]:
-        """(requests running, requests waiting for a slot)."""
-        with self._wake:
-            return len(self._running), len(self._queue)
-
-    def stop(self) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            while self._next_batch():
-                events = self.engine.step()  # outside the lock: submitting never waits for a forward
-                self._deliver(events)
-        except BaseException as error:  # a bug: every caller sees it rather than waiting forever
-            self._end_all(error)
-            raise
-        self._end_all(CANCELLED)
-
-    def _next_batch(self) -> bool:
-        """Apply cancels and move queued requests into free slots; wait while there is no work.
-        False once stop() was called."""
-        with self._wake:
-            while True:
-                for stream in self._cancelled:
-                    if stream.request is not None:
-                        self.engine.cancel(stream.request)
-                        self._running.pop(stream.request, None)
-                self._cancelled.clear()
-                while self._queue and self.engine.free_slots > 0:
-                    stream = self._queue.popleft()
-                    stream.request = self.engine.add(stream.prompt_ids, stream.settings)
-                    self._running[stream.request] = stream
-                if self._stopping:
-                    return False
-                if self.engine.busy:
-                    return True
-                self._wake.wait()
-
-    def _deliver(self, events: list[Event]) -> None:
-        with self._wake:
-            delivered = []
-            for request, token_id, finish_reason in events:
-                stream = self._running.get(request)
-                if stream is None:
-                    continue
-                stream.put(token_id)
-                delivered.append(stream)
-                if finish_reason is not None:
-                    stream.put(finish_reason)
-                    del self._running[request]
-            self._stats = self.engine.stats.copy()
-        notify_readers(delivered)
-
-    def _end_all(self, reason: str | BaseException) -> None:
-        with self._wake:
-            if isinstance(reason, BaseException):
-                self._failure = reason
-            ended = [*self._running.values(), *self._queue]
-            for stream in ended:
-                stream.put(reason)
-            self._running.clear()
-            self._queue.clear()
-        notify_readers(ended)
+def deliver(
+    running: dict[Any, TokenStream], events: Iterable[tuple[Any, int, str | None]]
+) -> list[TokenStream]:
+    """Put each event's token (and end) into the stream of its request in `running` (a request
+    that ended leaves it); returns the streams that got something."""
+    delivered = []
+    for key, token_id, finish_reason in events:
+        stream = running.get(key)
+        if stream is None:
+            continue
+        stream.put(token_id)
+        delivered.append(stream)
+        if finish_reason is not None:
+            stream.put(finish_reason)
+            del running[key]
+    return delivered
 
 
 def notify_readers(streams: list[TokenStream]) -> None:
     """Each distinct `notify` of the streams, once."""
     for notify in {stream.notify for stream in streams if stream.notify is not None}:
         notify()
+
+
+class EngineProcess:
+    """A DecodeEngine in a process of its own for concurrent callers (the server): submit() is
+    thread-safe and returns a TokenStream at once; stop() ends the process and every open stream.
+
+    In one process, the decoding thread and the server's event loop take turns at the GIL: under 8
+    streaming clients the whole server used one of two cores (docs/serve.md). Here the engine's
+    process decodes while the server's loop runs: requests and cancels go to it over a pipe, and each
+    step comes back as one message of (request id, token id, finish reason) and the engine's stats,
+    which a reader thread hands to the streams. Requests beyond max_batch wait in the engine's
+    queue; QueueFull once max_queue of them wait.
+    """
+
+    def __init__(self, model: GPT, max_batch: int = 8, max_queue: int = 64, compile: bool = False):
+        if max_batch <= 0:
+            raise UserError(f"max_batch must be positive, got {max_batch}")
+        self.vocab_size, self.max_batch, self.max_queue = model.config.vocab_size, max_batch, max_queue
+        context = multiprocessing.get_context("spawn")  # a forked child would inherit OpenMP's threads
+        self._commands, child_commands = context.Pipe()
+        self._events, child_events = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_run_engine,
+            args=(model, max_batch, compile, child_commands, child_events),
+            name="smallgpt-engine",
+            daemon=True,
+        )
+        self._process.start()
+        child_commands.close()
+        child_events.close()
+        self._lock = threading.Lock()  # guards everything below and sending commands
+        self._running: dict[int, TokenStream] = {}  # submitted and not ended, by request id
+        self._ids = itertools.count()
+        self._stats = EngineStats()
+        self._failure: BaseException | None = None
+        self._stopping = False
+        self._reader = threading.Thread(target=self._read, name="smallgpt-engine-reader", daemon=True)
+        self._reader.start()
+
+    def submit(
+        self, prompt_ids: Sequence[int], settings: SamplingSettings, notify: Callable[[], None] | None = None
+    ) -> TokenStream:
+        """Queue a request; iterate the returned stream for its token ids (or set `notify`, here
+        before its first token, and take them). UserError for a bad request, QueueFull when
+        max_queue requests already wait."""
+        check_request(self.vocab_size, prompt_ids, settings)
+        stream = TokenStream(self, list(prompt_ids), settings)
+        stream.notify = notify
+        with self._lock:
+            if self._stopping or self._failure is not None:
+                raise RuntimeError("the scheduler has stopped")
+            waiting = len(self._running) - self.max_batch
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are already waiting")
+            stream.request_id = next(self._ids)
+            self._running[stream.request_id] = stream
+            self._commands.send(("add", stream.request_id, stream.prompt_ids, settings))
+        return stream
+
+    def cancel(self, stream: TokenStream) -> None:
+        with self._lock:
+            if self._running.pop(stream.request_id, None) is not None and self._failure is None:
+                self._commands.send(("cancel", stream.request_id))
+
+    @property
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self._stats.copy()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(requests running, requests waiting for a slot)."""
+        with self._lock:
+            return min(len(self._running), self.max_batch), max(len(self._running) - self.max_batch, 0)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            with contextlib.suppress(OSError):
+                self._commands.send(("stop",))
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+        self._reader.join(timeout=30)
+
+    def _read(self) -> None:
+        """The reader thread: every step's tokens to their streams, until the engine's process ends."""
+        while True:
+            try:
+                message = self._events.recv()
+            except (EOFError, OSError):  # the process ended: stopped, or died
+                message = ("ended", "the decoding process ended")
+            if message[0] != "step":
+                self._end_all(message[1])
+                return
+            _, events, stats = message
+            with self._lock:
+                delivered = deliver(self._running, events)
+                self._stats = stats
+            notify_readers(delivered)
+
+    def _end_all(self, message: str) -> None:
+        """The engine's process ended: open streams end as cancelled after stop(), else as failed."""
+        with self._lock:
+            reason: str | BaseException = CANCELLED
+            if not self._stopping:
+                self._failure = reason = RuntimeError(message)
+            ended = list(self._running.values())
+            for stream in ended:
+                stream.put(reason)
+            self._running.clear()
+        notify_readers(ended)
+
+
+def _run_engine(model: GPT, max_batch: int, compile: bool, commands: Connection, events: Connection) -> None:
+    """EngineProcess's child: apply commands (waiting for one while idle), then step and send."""
+    try:
+        engine = DecodeEngine(model, max_batch, compile=compile)
+        requests: dict[int, Request] = {}
+        ids: dict[Request, int] = {}
+        with torch.inference_mode():
+            while True:
+                while commands.poll(0 if engine.busy else None):
+                    command, *args = commands.recv()
+                    if command == "stop":
+                        return
+                    if command == "add":
+                        request_id, prompt_ids, settings = args
+                        requests[request_id] = engine.add(prompt_ids, settings)
+                        ids[requests[request_id]] = request_id
+                    elif (request := requests.pop(args[0], None)) is not None:  # cancel
+                        engine.cancel(request)
+                        ids.pop(request)
+                stepped = []
+                for event in engine.step():
+                    stepped.append((ids[event.request], event.token_id, event.finish_reason))
+                    if event.finish_reason is not None:
+                        del requests[ids.pop(event.request)]
+                events.send(("step", stepped, engine.stats))
+    except (EOFError, OSError, KeyboardInterrupt):  # the server went away or is stopping
+        return
+    except BaseException as error:  # a bug: every caller sees it rather than waiting forever
+        events.send(("failed", f"the decoding process failed: {error!r}"))
+        raise

@@ -2,7 +2,8 @@
 
 No web code here: the FastAPI app (serve/app.py) turns requests into calls on `ServedModel` and its
 `Completion`s into JSON or server-sent events. Decoding itself is the shared batched path: every
-model has one scheduler, and each completion is one of its requests.
+model has one decode engine, in a process of its own (decode.EngineProcess), and each completion is
+one of its requests.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from smallgpt.chat.format import BOT, CHAT_TOKENS, USER, ChatFormat, keep_recent
 from smallgpt.data.tokenizers import Tokenizer
-from smallgpt.decode import CANCELLED, STOP, BatchScheduler, DecodeEngine, SamplingSettings, TokenStream
+from smallgpt.decode import CANCELLED, STOP, EngineProcess, SamplingSettings, TokenStream
 from smallgpt.errors import UserError
 from smallgpt.generate import StreamDecoder
 from smallgpt.model.gpt import GPT
@@ -155,7 +156,7 @@ def split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[
 class ServedModel:
     """A loaded run (or Hugging Face model) under a name, with its own batch scheduler."""
 
-    def __init__(self, name: str, model: GPT, tokenizer: Tokenizer, scheduler: BatchScheduler):
+    def __init__(self, name: str, model: GPT, tokenizer: Tokenizer, scheduler: EngineProcess):
         self.name, self.model, self.tokenizer, self.scheduler = name, model, tokenizer, scheduler
         self.block_size = model.config.block_size
         is_chat = all(t in tokenizer.special_tokens for t in CHAT_TOKENS)
@@ -274,6 +275,7 @@ def load_models(
         if name in models:
             raise UserError(f"two models would be named {name!r}: serve runs whose folders differ in name")
         model, tokenizer = load_source(run, hf, which, device, precision.dtype, precision.quantize)
-        engine = DecodeEngine(model, max_batch, compile=compile)
-        models[name] = ServedModel(name, model, tokenizer, BatchScheduler(engine, max_queue))
+        models[name] = ServedModel(
+            name, model, tokenizer, EngineProcess(model, max_batch, max_queue, compile)
+        )
     return models
