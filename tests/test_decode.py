@@ -292,6 +292,21 @@ def test_a_dead_engine_process_reaches_every_caller():
     scheduler.stop()
 
 
+def test_a_pipe_that_broke_before_the_reader_noticed_is_a_stopped_scheduler():
+    """Between the engine's process dying and its reader seeing the end, submit says the scheduler
+    has stopped (not a BrokenPipeError) and closing a stream raises nothing."""
+    scheduler = EngineProcess(tiny(), max_batch=1)
+    stream = scheduler.submit([1, 2], SamplingSettings(max_new_tokens=10**9))
+    next(stream)
+    scheduler._commands.close()  # as a pipe to a dead process fails
+    stream.close()
+    with pytest.raises(RuntimeError, match="stopped"):
+        scheduler.submit([1], SamplingSettings())
+    assert scheduler.load == (0, 0)  # the refused request was never counted
+    scheduler._process.kill()
+    scheduler.stop()
+
+
 def test_scheduler_stop_ends_open_streams():
     scheduler = EngineProcess(tiny(), max_batch=1)
     stream = scheduler.submit([1, 2], SamplingSettings(max_new_tokens=10**9, temperature=0))

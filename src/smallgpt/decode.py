@@ -511,14 +511,19 @@ class EngineProcess:
             if waiting >= self.max_queue:
                 raise QueueFull(f"{waiting} requests are already waiting")
             stream.request_id = next(self._ids)
+            try:
+                self._commands.send(("add", stream.request_id, stream.prompt_ids, settings))
+            except OSError:  # the process died and the reader has not yet seen it end
+                raise RuntimeError("the scheduler has stopped") from None
             self._running[stream.request_id] = stream
-            self._commands.send(("add", stream.request_id, stream.prompt_ids, settings))
         return stream
 
     def cancel(self, stream: TokenStream) -> None:
         with self._lock:
             if self._running.pop(stream.request_id, None) is not None and self._failure is None:
-                self._commands.send(("cancel", stream.request_id))
+                # a process that has ended needs no cancel: the reader ends the stream anyway
+                with contextlib.suppress(OSError):
+                    self._commands.send(("cancel", stream.request_id))
 
     @property
     def stats(self) -> EngineStats:

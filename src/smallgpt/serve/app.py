@@ -311,7 +311,7 @@ class Job:
 async def event_stream(chunks: AsyncIterator[dict], cancel: Callable[[], None]) -> AsyncIterator[str]:
     """Server-sent events, one per chunk, then `data: [DONE]`.
 
-    Chunks are made on the event loop as the decoding thread hands over its steps. A client that
+    Chunks are made on the event loop as the engine's reader thread hands over its steps. A client that
     goes away cancels the job (Starlette cancels this generator), so its batch slots are freed at
     once.
     """

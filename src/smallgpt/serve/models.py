@@ -45,7 +45,7 @@ class Completion:
     """One choice being generated: its text pieces as they come, then why it ended.
 
     `pieces()` yields text (one piece per token that completes text) and is read on an event loop:
-    it never blocks, and wakes when the decoding thread hands over a step. Afterwards
+    it never blocks, and wakes when the engine's reader thread hands over a step. Afterwards
     `finish_reason` is "stop" (end-of-text, end-of-turn or a stop text) or "length" (max_tokens
     reached) and `completion_tokens` counts the tokens the model made (the end-of-text or
     end-of-turn that ended it included). `cancel()` frees the batch slot at once.
@@ -103,7 +103,7 @@ class Completion:
 
 
 class Wakeups:
-    """The decoding threads' hand-over to one event loop: every step that delivered tokens to its
+    """The engine reader threads' hand-over to one event loop: every step that delivered tokens to its
     streams makes one call_soon_threadsafe, which wakes every completion waiting there (each then
     takes what is ready, or waits again): one hand-over per step, instead of a thread per stream
     that wakes at every token (docs/serve.md's load benchmark compares the two)."""
@@ -127,7 +127,7 @@ class Wakeups:
         await future
 
     def wake(self) -> None:
-        """Thread-safe: called by a decoding thread after a step."""
+        """Thread-safe: called by an engine's reader thread after a step."""
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
             self.loop.call_soon_threadsafe(self._wake_all)
 
