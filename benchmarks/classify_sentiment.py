@@ -118,7 +118,7 @@ def pretrain(corpus: Path, work: Path, args: argparse.Namespace) -> tuple[Path, 
         "--batch_size=16", "--learning_rate=3e-3", "--min_lr=3e-4", "--beta2=0.99",
         "--warmup_iters=50", f"--max_iters={args.pretrain_iters}",
         f"--max_seconds={args.pretrain_seconds}", "--lr_decay_by=seconds", "--eval_interval=250",
-        "--eval_iters=20", "--log_interval=50", "--dropout=0.0",
+        "--eval_iters=20", "--log_interval=50", "--dropout=0.0", f"--dtype={args.dtype}",
     ]  # fmt: skip
     start = time.perf_counter()
     metrics = train(load_config(None, overrides))
@@ -222,6 +222,13 @@ def mcnemar(truth: list[str], a: list[str], b: list[str]) -> tuple[int, int, flo
     return only_a, only_b, min(1.0, 2 * tail)
 
 
+def best_val_accuracy(run_dir: Path) -> float:
+    """The val accuracy of a classify run's ckpt/best: the highest of its evaluations."""
+    from smallgpt.train.logging import read_metrics
+
+    return max(r["val_accuracy"] for r in read_metrics(run_dir) if "val_accuracy" in r)
+
+
 def mean_of(rows: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in rows)
 
@@ -238,7 +245,7 @@ def fine_tuning(args: argparse.Namespace, work: Path, backbone: Path) -> dict[st
         data=str(work / "train.csv"), val_data=str(work / "val.csv"), test_data=str(work / "test.csv"),
         init_from=str(backbone), text_column="review", pooling=args.pooling, epochs=args.epochs,
         learning_rate=args.learning_rate, lm_loss_weight=args.lm_loss_weight, group_by_length=True,
-        progress=False, device="cpu",
+        progress=False, device="cpu", dtype=args.dtype,
     )  # fmt: skip
 
 
@@ -251,14 +258,12 @@ def fine_tune_rows(args: argparse.Namespace, work: Path, backbone: Path, seeds: 
     for seed in seeds:
         out = work / "ablate" / f"seed{seed}"
         if (out / "ablation.json").is_file():
-            rows += [{**r, "seed": seed} for r in json.loads((out / "ablation.json").read_text())]
-            continue
-        ablation = run_ablate(
-            ClassifyAblateArgs(
-                **fine_tuning(args, work, backbone), out_dir=str(out), seed=seed,
+            ablation = json.loads((out / "ablation.json").read_text())
+        else:
+            ablation = run_ablate(
+                ClassifyAblateArgs(**fine_tuning(args, work, backbone), out_dir=str(out), seed=seed)
             )
-        )  # fmt: skip
-        rows += [{**r, "seed": seed} for r in ablation]
+        rows += [{**r, "seed": seed, "val": best_val_accuracy(out / r["variant"])} for r in ablation]
     return rows
 
 
@@ -277,7 +282,7 @@ def plain_rows(args: argparse.Namespace, work: Path, pretrained: Path, seeds: li
                     **fine_tuning(args, work, pretrained), out_dir=str(out), seed=seed, mask_padding=False,
                 )
             )  # fmt: skip
-        rows.append({**result, "mask": False, "frozen": False, "seed": seed})
+        rows.append({**result, "mask": False, "frozen": False, "seed": seed, "val": best_val_accuracy(out)})
     return rows
 
 
@@ -292,7 +297,7 @@ def adapted_backbone(args: argparse.Namespace, work: Path, pretrained: Path, tex
     start = time.perf_counter()
     adapt_backbone(
         pretrained, texts, out, args.adapt_iters, args.adapt_learning_rate, 32, args.seed, torch_cpu(),
-        progress=False,
+        args.dtype, progress=False,
     )  # fmt: skip
     print(f"adapted in {time.perf_counter() - start:.0f} s")
     return out
@@ -308,8 +313,11 @@ def report(
     rows: list[dict], plain: list[dict], baselines: list[dict], splits: dict, work: Path, adapted: bool
 ) -> None:
     """Markdown tables: every variant's mean ± std over the seeds, the baselines, McNemar per seed."""
-    print("\n| backbone | mask padding | frozen | test accuracy (mean ± std) | macro-F1 | time (s) | seeds |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print(
+        "\n| backbone | mask padding | frozen | val accuracy (mean) | test accuracy (mean ± std) "
+        "| macro-F1 | time (s) | seeds |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["variant"], []).append(r)
@@ -320,12 +328,13 @@ def report(
         backbone = "adapted" if adapted and "no adaptation" not in name else "pre-trained"
         print(
             f"| {backbone} | {yes_no[group[0]['mask']]} | {yes_no[group[0]['frozen']]} "
-            f"| {mean_std([r['accuracy'] for r in group])} | {mean_of(group, 'macro_f1'):.3f} "
+            f"| {100 * mean_of(group, 'val'):.2f}% | {mean_std([r['accuracy'] for r in group])} "
+            f"| {mean_of(group, 'macro_f1'):.3f} "
             f"| {mean_of(group, 'seconds'):.0f} | {len(group)} |"
         )
     for b in baselines:
         print(
-            f"| {b['name']}: {b['setting']} | - | - | {100 * b['accuracy']:.2f}% | {b['macro_f1']:.3f} "
+            f"| {b['name']}: {b['setting']} | - | - | - | {100 * b['accuracy']:.2f}% | {b['macro_f1']:.3f} "
             f"| {b['seconds']:.0f} | - |"
         )
     tuned = baselines[-1]
@@ -356,6 +365,9 @@ def main() -> None:
     parser.add_argument("--pretrain-iters", type=int, default=100_000, help="an upper bound on steps")
     parser.add_argument(
         "--review-repeats", type=int, default=3, help="weight of the reviews in the pre-training corpus"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="training dtype everywhere (bfloat16: autocast on a CPU that has it)"
     )
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--n-layer", type=int, default=4)

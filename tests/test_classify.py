@@ -16,7 +16,7 @@ from smallgpt.classify.data import (
     stratified_split,
 )
 from smallgpt.classify.evaluate import confusion_matrix, load_classifier, scores
-from smallgpt.classify.model import ClassifierConfig, GPTClassifier
+from smallgpt.classify.model import ClassifierConfig, GPTClassifier, pool
 from smallgpt.classify.train import ClassifyTrainArgs, load_splits, train_classifier
 from smallgpt.cli import main
 from smallgpt.data.tokenizers import CharTokenizer
@@ -102,6 +102,8 @@ def trained(tmp_path_factory, make_backbone_run):
         ("left", "rope", "last"),
         ("right", "learned", "mean"),
         ("left", "rope", "mean"),
+        ("right", "learned", "meanmax"),
+        ("left", "rope", "meanmax"),
     ],
 )
 def test_masked_padding_gives_the_unpadded_logits(padding_side, pos_emb, pooling):
@@ -120,6 +122,14 @@ def test_masked_padding_gives_the_unpadded_logits(padding_side, pos_emb, pooling
             torch.testing.assert_close(
                 batched[row], model(alone, torch.ones_like(alone, dtype=torch.bool))[0]
             )
+
+
+def test_meanmax_pools_the_mean_and_the_max_of_the_real_tokens():
+    hidden = torch.tensor([[[1.0, -4.0], [3.0, -2.0], [50.0, 50.0]]])  # the third position is padding
+    real = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(pool(hidden, real, "meanmax"), torch.tensor([[2.0, -3.0, 3.0, -2.0]]))
+    model = GPTClassifier(GPT(ModelConfig(vocab_size=12, **TINY)), ClassifierConfig(2, "meanmax"))
+    assert model.head.in_features == 2 * TINY["n_embd"]
 
 
 def test_without_mask_padding_changes_the_logits():

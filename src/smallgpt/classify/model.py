@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from smallgpt.errors import UserError
 from smallgpt.model.gpt import GPT
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "meanmax")
 PADDING_SIDES = ("right", "left")
 
 
@@ -29,7 +29,7 @@ class ClassifierConfig:
     """What, beyond the backbone's ModelConfig, rebuilds a trained classifier (saved as classify.json)."""
 
     num_classes: int
-    pooling: str = "last"  # last | mean
+    pooling: str = "last"  # last | mean | meanmax
     mask_padding: bool = True
     freeze_backbone: bool = False
     padding_side: str = "right"  # right | left
@@ -60,11 +60,22 @@ def padding_attention_mask(real: torch.Tensor) -> torch.Tensor:
     return (causal & real[:, None, None, :]) | diagonal  # (B, 1, T, T)
 
 
+def pooled_width(n_embd: int, pooling: str) -> int:
+    return 2 * n_embd if pooling == "meanmax" else n_embd
+
+
 def pool(hidden: torch.Tensor, real: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, T, C) hidden states -> (B, C): the last position with real[b, t] True, or their mean."""
-    if pooling == "mean":
+    """(B, T, C) hidden states -> (B, C): the last position with real[b, t] True, or their mean;
+    meanmax -> (B, 2C): their mean beside their per-channel max (ULMFiT's concat pooling: the max
+    keeps a strong local cue that a long text's mean dilutes)."""
+    if pooling in ("mean", "meanmax"):
         weights = real.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if pooling == "mean":
+            return mean
+        # every text has a real token, so the max is over at least one finite value
+        peak = hidden.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(1)
+        return torch.cat([mean, peak], dim=-1)
     positions = torch.arange(real.size(1), device=real.device)
     last = torch.where(real, positions, -1).max(dim=1).values  # (B,) works for left and right padding
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
@@ -76,7 +87,7 @@ class GPTClassifier(nn.Module):
         config.validate()
         self.config = config
         self.backbone = backbone
-        self.head = nn.Linear(backbone.config.n_embd, config.num_classes)
+        self.head = nn.Linear(pooled_width(backbone.config.n_embd, config.pooling), config.num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         if config.freeze_backbone:

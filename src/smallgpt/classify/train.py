@@ -75,7 +75,8 @@ class ClassifyOptions:
     test_fraction: float = field(default=0.1, metadata={"help": "share of --data held out for testing"})
     out_dir: str = field(default="runs/classify", metadata={"help": "where the classify run is written"})
     pooling: str = field(
-        default="last", metadata={"help": "last (last real token) | mean (over real tokens)"}
+        default="last",
+        metadata={"help": "last (last real token) | mean (over real tokens) | meanmax (mean and max)"},
     )
     padding_side: str = field(default="right", metadata={"help": "right | left"})
     batch_size: int = field(default=32, metadata={"help": "texts per step"})
