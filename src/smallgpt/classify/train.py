@@ -75,27 +75,27 @@ class ClassifyOptions:
     test_fraction: float = field(default=0.1, metadata={"help": "share of --data held out for testing"})
     out_dir: str = field(default="runs/classify", metadata={"help": "where the classify run is written"})
     pooling: str = field(
-        default="last",
+        default="mean",
         metadata={"help": "last (last real token) | mean (over real tokens) | meanmax (mean and max)"},
     )
     padding_side: str = field(default="right", metadata={"help": "right | left"})
     batch_size: int = field(default=32, metadata={"help": "texts per step"})
     group_by_length: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "batch training texts of similar length: less padding, faster steps, but batches "
             "lean to one class where text length follows the label"
         },
     )
-    epochs: float = field(default=3.0, metadata={"help": "passes over the training split"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the training split"})
     max_iters: int = field(default=0, metadata={"help": "optimizer steps (0: from --epochs)"})
-    learning_rate: float = field(default=3e-4, metadata={"help": "peak learning rate (cosine decay to 1/10)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine decay to 1/10)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     dropout: float | None = field(
         default=None, metadata={"help": "dropout while fine-tuning (default: the backbone's own)"}
     )
     lm_loss_weight: float = field(
-        default=0.0,
+        default=0.5,
         metadata={
             "help": "add this times the next-token loss on the training texts (GPT-1 used 0.5; "
             "not with a frozen backbone)"
