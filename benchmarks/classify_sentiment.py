@@ -119,7 +119,7 @@ def pretrain(corpus: Path, work: Path, args: argparse.Namespace) -> tuple[Path, 
         "--batch_size=16", "--learning_rate=3e-3", "--min_lr=3e-4", "--beta2=0.99",
         "--warmup_iters=50", f"--max_iters={args.pretrain_iters}",
         f"--max_seconds={args.pretrain_seconds}", "--lr_decay_by=seconds", "--eval_interval=250",
-        "--eval_iters=20", "--log_interval=50", "--dropout=0.0", f"--dtype={args.dtype}",
+        "--eval_iters=20", "--log_interval=50", f"--dropout={args.pretrain_dropout}", f"--dtype={args.dtype}",
     ]  # fmt: skip
     start = time.perf_counter()
     metrics = train(load_config(None, overrides))
@@ -245,8 +245,8 @@ def fine_tuning(args: argparse.Namespace, work: Path, backbone: Path) -> dict[st
     return dict(
         data=str(work / "train.csv"), val_data=str(work / "val.csv"), test_data=str(work / "test.csv"),
         init_from=str(backbone), text_column="review", pooling=args.pooling, epochs=args.epochs,
-        learning_rate=args.learning_rate, lm_loss_weight=args.lm_loss_weight, group_by_length=True,
-        progress=False, device="cpu", dtype=args.dtype,
+        learning_rate=args.learning_rate, lm_loss_weight=args.lm_loss_weight, dropout=args.dropout,
+        group_by_length=True, progress=False, device="cpu", dtype=args.dtype,
     )  # fmt: skip
 
 
@@ -364,6 +364,9 @@ def main() -> None:
     parser.add_argument("--pretrain-seconds", type=float, default=3600, help="the lr decays over this budget")
     parser.add_argument("--pretrain-iters", type=int, default=100_000, help="an upper bound on steps")
     parser.add_argument(
+        "--pretrain-dropout", type=float, default=0.0, help="dropout in pre-training, against memorising"
+    )
+    parser.add_argument(
         "--review-repeats", type=int, default=3, help="weight of the reviews in the pre-training corpus"
     )
     parser.add_argument(
@@ -383,6 +386,9 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the best variant without adaptation")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="dropout in fine-tuning, whatever the backbone used"
+    )
     parser.add_argument(
         "--lm-loss-weight", type=float, default=0.5, help="GPT-1's auxiliary next-token loss in fine-tuning"
     )
