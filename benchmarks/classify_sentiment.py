@@ -398,6 +398,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.review_repeats < 1:
         parser.error(f"--review-repeats must be at least 1, got {args.review_repeats}")
+    for name in ("pretrain_dropout", "dropout"):
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     seeds = [int(s) for s in args.seeds.split(",")]
 
     with contextlib.ExitStack() as stack:
