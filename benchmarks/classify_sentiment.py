@@ -343,7 +343,7 @@ def report(
         (n for n in groups if "no adaptation" not in n), key=lambda n: mean_of(groups[n], "val")
     )
     best = groups[best_name]
-    margin = 100 * (statistics.fmean(r["accuracy"] for r in best) - tuned["accuracy"])
+    margin = 100 * (mean_of(best, "accuracy") - tuned["accuracy"])
     print(
         f"\nbest variant {best_name}: {margin:+.2f} points (mean of {len(best)} seeds) over the tuned TF-IDF"
     )

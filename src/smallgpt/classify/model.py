@@ -29,7 +29,7 @@ class ClassifierConfig:
     """What, beyond the backbone's ModelConfig, rebuilds a trained classifier (saved as classify.json)."""
 
     num_classes: int
-    pooling: str = "mean"  # last | mean | meanmax (the CLI default, mean, measured best)
+    pooling: str = "mean"  # last | mean | meanmax; mean is also the CLI default
     mask_padding: bool = True
     freeze_backbone: bool = False
     padding_side: str = "right"  # right | left
