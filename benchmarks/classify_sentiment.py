@@ -240,12 +240,26 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * spread:.2f}%"
 
 
+# the flags that change what a fine-tuning run learns
+RECIPE = ("adapt_iters", "adapt_learning_rate", "epochs", "learning_rate", "dropout", "lm_loss_weight",
+          "layer_lr_decay", "pooling")  # fmt: skip
+
+
+def recipe_suffix(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """Empty for the default recipe, else "_flag=value" for each RECIPE flag off its default, so that
+    another recipe's runs go in their own folders (ablate_learning-rate=0.002/) and are never reused
+    for this one."""
+    changed = (name for name in RECIPE if getattr(args, name) != parser.get_default(name))
+    return "".join(f"_{name.replace('_', '-')}={getattr(args, name)}" for name in changed)
+
+
 def fine_tuning(args: argparse.Namespace, work: Path, backbone: Path) -> dict[str, Any]:
     """The classify flags every fine-tuning run here shares."""
     return dict(
         data=str(work / "train.csv"), val_data=str(work / "val.csv"), test_data=str(work / "test.csv"),
         init_from=str(backbone), text_column="review", pooling=args.pooling, epochs=args.epochs,
         learning_rate=args.learning_rate, lm_loss_weight=args.lm_loss_weight, dropout=args.dropout,
+        layer_lr_decay=args.layer_lr_decay,
         group_by_length=True, progress=False, device="cpu", dtype=args.dtype,
     )  # fmt: skip
 
@@ -257,7 +271,7 @@ def fine_tune_rows(args: argparse.Namespace, work: Path, backbone: Path, seeds: 
 
     rows = []
     for seed in seeds:
-        out = work / "ablate" / f"seed{seed}"
+        out = work / f"ablate{args.recipe}" / f"seed{seed}"
         if (out / "ablation.json").is_file():
             ablation = json.loads((out / "ablation.json").read_text())
         else:
@@ -274,7 +288,7 @@ def plain_rows(args: argparse.Namespace, work: Path, pretrained: Path, seeds: li
 
     rows = []
     for seed in seeds:
-        out = work / "plain" / f"seed{seed}"
+        out = work / f"plain{args.recipe}" / f"seed{seed}"
         if (out / "eval.json").is_file():
             result = json.loads((out / "eval.json").read_text())
         else:
@@ -311,9 +325,10 @@ def torch_cpu() -> Any:
 
 
 def report(
-    rows: list[dict], plain: list[dict], baselines: list[dict], splits: dict, work: Path, adapted: bool
+    rows: list[dict], plain: list[dict], baselines: list[dict], splits: dict, runs: Path, adapted: bool
 ) -> None:
-    """Markdown tables: every variant's mean ± std over the seeds, the baselines, McNemar per seed."""
+    """Markdown tables: every variant's mean ± std over the seeds, the baselines, McNemar per seed
+    (the classifiers read back from runs/seed*/)."""
     print(
         "\n| backbone | mask padding | frozen | val accuracy (mean) | test accuracy (mean ± std) "
         "| macro-F1 | time (s) | seeds |"
@@ -349,7 +364,7 @@ def report(
     )
     truth, texts = zip(*splits["test"])
     for r in best:
-        predicted = classifier_predictions(work / "ablate" / f"seed{r['seed']}" / best_name, list(texts))
+        predicted = classifier_predictions(runs / f"seed{r['seed']}" / best_name, list(texts))
         only_gpt, only_tfidf, p = mcnemar(list(truth), predicted, tuned["predicted"])
         print(
             f"seed {r['seed']}: on the {len(truth)} test texts the GPT alone is right on {only_gpt}, "
@@ -392,6 +407,9 @@ def main() -> None:
     parser.add_argument(
         "--lm-loss-weight", type=float, default=0.5, help="GPT-1's auxiliary next-token loss in fine-tuning"
     )
+    parser.add_argument(
+        "--layer-lr-decay", type=float, default=1.0, help="each block's lr over the one above it (1: off)"
+    )
     parser.add_argument("--pooling", default="mean")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the labelled splits")
     parser.add_argument("--seeds", default="1337,1338,1339", help="fine-tuning seeds, comma-separated")
@@ -401,7 +419,10 @@ def main() -> None:
     for name in ("pretrain_dropout", "dropout"):
         if not 0 <= getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if not 0 < args.layer_lr_decay <= 1:
+        parser.error(f"--layer-lr-decay must be in (0, 1], got {args.layer_lr_decay}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    args.recipe = recipe_suffix(args, parser)
 
     with contextlib.ExitStack() as stack:
         work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -425,7 +446,7 @@ def main() -> None:
         print(
             f"\nsentiment_zh: train {args.train_size}, val {args.val_size}, test {args.test_size} (balanced)"
         )
-        report(rows, plain, baselines, splits, work, args.adapt_iters > 0)
+        report(rows, plain, baselines, splits, work / f"ablate{args.recipe}", args.adapt_iters > 0)
 
 
 if __name__ == "__main__":

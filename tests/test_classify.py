@@ -17,7 +17,7 @@ from smallgpt.classify.data import (
 )
 from smallgpt.classify.evaluate import confusion_matrix, load_classifier, scores
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier, pool
-from smallgpt.classify.train import ClassifyTrainArgs, load_splits, train_classifier
+from smallgpt.classify.train import ClassifyTrainArgs, layer_lr_groups, load_splits, train_classifier
 from smallgpt.cli import main
 from smallgpt.data.tokenizers import CharTokenizer
 from smallgpt.errors import UserError
@@ -188,6 +188,46 @@ def test_lm_loss_weight_keeps_the_backbone_a_language_model(tmp_path, make_backb
     assert lm_loss_after(1.0) < lm_loss_after(0.0) - 0.5
 
 
+def test_layer_lr_groups_scale_each_depth_below_the_head(make_backbone_run, tmp_path):
+    backbone = checkpoint.load_model(make_backbone_run(tmp_path / "backbone", n_layer=3) / "ckpt" / "best")
+    model = GPTClassifier(backbone, ClassifierConfig(num_classes=2))
+    groups = layer_lr_groups(model, weight_decay=0.01, layer_lr_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert sorted(map(id, model.parameters())) == sorted(scale_of)  # each parameter once
+    blocks = model.backbone.transformer.h
+    expected = {
+        "head": (model.head, 1.0),
+        "final norm": (model.backbone.transformer.ln_f, 1.0),
+        "top block": (blocks[2], 0.5),
+        "bottom block": (blocks[0], 0.125),
+        "embeddings": (model.backbone.transformer.wte, 0.0625),
+    }
+    for name, (module, scale) in expected.items():
+        assert {scale_of[id(p)] for p in module.parameters()} == {scale}, name
+    assert groups[0]["lr_scale"] == 1.0  # the group whose lr the trainer logs runs at the schedule's lr
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.head.weight) in decayed and id(model.head.bias) not in decayed
+
+
+def test_layer_lr_decay_moves_the_embeddings_less(tmp_path, make_backbone_run):
+    backbone_run = make_backbone_run(tmp_path / "backbone")
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
+    before = checkpoint.load_model(backbone_run / "ckpt" / "best").transformer.wte.weight.detach()
+
+    def embedding_change(layer_lr_decay: float) -> float:
+        out = tmp_path / f"cls_{layer_lr_decay}"
+        args = ClassifyTrainArgs(
+            data=str(data), init_from=str(backbone_run), out_dir=str(out), layer_lr_decay=layer_lr_decay,
+            max_iters=10, batch_size=8, learning_rate=3e-3, progress=False, device="cpu",
+        )  # fmt: skip
+        train_classifier(args)
+        after = load_file(str(out / "ckpt" / "last" / "model.safetensors"))["backbone.transformer.wte.weight"]
+        return float((after - before).abs().max())
+
+    # three levels below the head (two blocks, then the embeddings): 0.1 ** 3 of the lr
+    assert embedding_change(0.1) < embedding_change(1.0) / 100
+
+
 def eval_records(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["event"] == "eval"]
@@ -308,6 +348,8 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):
     )
     negative = ["classify", "train", "--data", data, "--init-from", backbone, "--lm-loss-weight", "-0.5"]
     cases.append((negative, ["lm-loss-weight must not be negative", "-0.5"]))
+    decay = ["classify", "train", "--data", data, "--init-from", backbone, "--layer-lr-decay", "0"]
+    cases.append((decay, ["layer-lr-decay must be in (0, 1]", "got 0.0"]))
     for argv, needles in cases:
         assert main([*argv, "--device", "cpu"]) == 2
         err = capsys.readouterr().err

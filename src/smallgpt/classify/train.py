@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -91,6 +91,13 @@ class ClassifyOptions:
     max_iters: int = field(default=0, metadata={"help": "optimizer steps (0: from --epochs)"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine decay to 1/10)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    layer_lr_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "discriminative fine-tuning (ULMFiT): each block trains at this times the lr of the "
+            "one above it, the head at the full lr (1: one lr for all)"
+        },
+    )
     dropout: float | None = field(
         default=None, metadata={"help": "dropout while fine-tuning (default: the backbone's own)"}
     )
@@ -131,6 +138,8 @@ class ClassifyOptions:
         ):  # fmt: skip
             if getattr(self, name) < 0:
                 raise UserError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise UserError(f"layer-lr-decay must be in (0, 1], got {self.layer_lr_decay}")
         if self.epochs == 0 and self.max_iters == 0:
             raise UserError("give --epochs or --max-iters a positive value")
         if not (
@@ -213,6 +222,30 @@ def backbone_run(args: ClassifyOptions, splits: Splits, device: torch.device) ->
         args.adapt_learning_rate, args.batch_size, args.seed, device, args.dtype, args.progress,
     )  # fmt: skip
     return str(adapted)
+
+
+def layer_lr_groups(model: GPTClassifier, weight_decay: float, layer_lr_decay: float) -> list[dict]:
+    """decay_groups per depth, each with lr_scale = layer_lr_decay ** (its distance from the top).
+
+    Depth 0 is the embeddings (tied to the LM head), block i is depth i + 1, and the final norm and
+    the classifier head are the top: the layers nearest the input hold the most general features,
+    so they move least (ULMFiT's discriminative fine-tuning, BERT's layer-wise lr decay).
+    """
+    transformer = model.backbone.transformer
+    blocks = cast(nn.ModuleList, transformer.h)
+    top = len(blocks) + 1
+    depth = {id(p): i + 1 for i, block in enumerate(blocks) for p in block.parameters()}
+    for embedding in (transformer.wte, transformer.wpe):  # wpe is None with RoPE
+        if isinstance(embedding, nn.Module):
+            depth.update((id(p), 0) for p in embedding.parameters())
+    groups = []
+    for level in range(top, -1, -1):  # top first: param_groups[0] is the lr the trainer logs
+        params = [p for p in model.parameters() if depth.get(id(p), top) == level]
+        scale = layer_lr_decay ** (top - level)
+        groups += [
+            {**group, "lr_scale": scale} for group in decay_groups(params, weight_decay) if group["params"]
+        ]
+    return groups
 
 
 def classification_loss(lm_loss_weight: float) -> LossFn:
@@ -312,7 +345,9 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
         settings,
         model,
         backbone.config,
-        adamw(decay_groups(model.parameters(), args.weight_decay), args.learning_rate, device.type),
+        adamw(
+            layer_lr_groups(model, args.weight_decay, args.layer_lr_decay), args.learning_rate, device.type
+        ),
         train_source,
         eval_sources={},
         run_dir=run_dir,
