@@ -19,8 +19,9 @@
    default settings and tuned on val over C x char n-gram range x sublinear tf.
 Prints Markdown tables (mean ± std over the seeds, macro-F1, times), the best variant's margin over
 the tuned baseline, and an exact McNemar test against it per seed on the same test texts. Runs and
-results are kept in --work; a second call reuses what is there, so once one call has adapted the
-backbone, calls with other --seeds can run beside it (one per core, OMP_NUM_THREADS=1).
+results are kept in --work; a second call reuses what is there (a recipe off the defaults, such as
+--layer-lr-decay 0.8, has its own run folders), so once one call has adapted the backbone, calls
+with other --seeds or recipes can run beside it (one per core, OMP_NUM_THREADS=1).
 
     python benchmarks/classify_sentiment.py --work /tmp/cls   # defaults: 6 x 192, pre-training 3600 s
 """
@@ -305,7 +306,7 @@ def adapted_backbone(args: argparse.Namespace, work: Path, pretrained: Path, tex
     """The pre-trained backbone after --adapt-iters steps on the labelled training texts alone."""
     from smallgpt.classify.adapt import adapt_backbone
 
-    out = work / "adapted"
+    out = work / f"adapted_{args.adapt_iters}_lr{args.adapt_learning_rate}"  # another setting, another run
     if (out / "ckpt" / "best").is_dir():
         print(f"reusing the adapted backbone {out}")
         return out
