@@ -51,6 +51,14 @@ def synthetic_rows(n, seed=0):
     return rows
 
 
+def quick_args(data, backbone_run, out, **overrides) -> ClassifyTrainArgs:
+    """Fine-tuning settings for the tiny backbone: batches of 8 on the CPU, no progress bar."""
+    return ClassifyTrainArgs(
+        data=str(data), init_from=str(backbone_run), out_dir=str(out), batch_size=8, progress=False,
+        device="cpu", **overrides,
+    )  # fmt: skip
+
+
 def write_csv(path, rows, header=("label", "review"), delimiter=","):
     lines = [delimiter.join(header)] + [delimiter.join(row) for row in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -175,10 +183,7 @@ def test_lm_loss_weight_keeps_the_backbone_a_language_model(tmp_path, make_backb
 
     def lm_loss_after(weight: float) -> float:
         out = tmp_path / f"cls_{weight}"
-        args = ClassifyTrainArgs(
-            data=str(data), init_from=str(backbone_run), out_dir=str(out), lm_loss_weight=weight,
-            epochs=4, batch_size=8, learning_rate=3e-3, progress=False, device="cpu",
-        )  # fmt: skip
+        args = quick_args(data, backbone_run, out, lm_loss_weight=weight, epochs=4, learning_rate=3e-3)
         assert train_classifier(args)["accuracy"] == 1.0
         backbone = load_classifier(out, torch.device("cpu"), "last")[0].backbone
         with torch.no_grad():
@@ -216,10 +221,9 @@ def test_layer_lr_decay_moves_the_embeddings_less(tmp_path, make_backbone_run):
 
     def embedding_change(layer_lr_decay: float) -> float:
         out = tmp_path / f"cls_{layer_lr_decay}"
-        args = ClassifyTrainArgs(
-            data=str(data), init_from=str(backbone_run), out_dir=str(out), layer_lr_decay=layer_lr_decay,
-            max_iters=10, batch_size=8, learning_rate=3e-3, progress=False, device="cpu",
-        )  # fmt: skip
+        args = quick_args(
+            data, backbone_run, out, layer_lr_decay=layer_lr_decay, max_iters=10, learning_rate=3e-3
+        )
         train_classifier(args)
         after = load_file(str(out / "ckpt" / "last" / "model.safetensors"))["backbone.transformer.wte.weight"]
         return float((after - before).abs().max())
@@ -237,10 +241,7 @@ def test_adapt_iters_trains_the_backbone_on_the_training_texts_only(tmp_path, ma
     backbone_run = make_backbone_run(tmp_path / "backbone")
     data = write_csv(tmp_path / "d.csv", synthetic_rows(200), header=("label", "text"))
     out = tmp_path / "cls"
-    args = ClassifyTrainArgs(
-        data=str(data), init_from=str(backbone_run), out_dir=str(out), adapt_iters=40,
-        adapt_learning_rate=1e-2, epochs=1, batch_size=8, progress=False, device="cpu",
-    )  # fmt: skip
+    args = quick_args(data, backbone_run, out, adapt_iters=40, adapt_learning_rate=1e-2, epochs=1)
     train_classifier(args)
     train_texts = load_splits(args).train.texts  # the seeded split: val and test texts left out
     tokens = sum(len(text) + 1 for text in train_texts)  # chars, each text closed by end-of-text
@@ -269,10 +270,9 @@ def test_frozen_backbone_is_bit_identical_after_training(tmp_path, make_backbone
     backbone_run = make_backbone_run(tmp_path / "backbone", dropout=0.1)
     data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
     before = checkpoint.load_model(backbone_run / "ckpt" / "best").state_dict()
-    args = ClassifyTrainArgs(
-        data=str(data), init_from=str(backbone_run), out_dir=str(tmp_path / "cls"), freeze_backbone=True,
-        epochs=2, batch_size=8, learning_rate=1e-2, progress=False, device="cpu",
-    )  # fmt: skip
+    args = quick_args(
+        data, backbone_run, tmp_path / "cls", freeze_backbone=True, epochs=2, learning_rate=1e-2
+    )
     train_classifier(args)
     # the saved classifier's backbone.* tensors must equal the pretrained run's, bit for bit
     weights = load_file(str(tmp_path / "cls" / "ckpt" / "last" / "model.safetensors"))
@@ -287,10 +287,9 @@ def test_frozen_backbone_is_bit_identical_after_training(tmp_path, make_backbone
 def test_patience_stops_when_val_accuracy_stops_improving(tmp_path, make_backbone_run):
     backbone_run = make_backbone_run(tmp_path / "backbone")
     data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
-    args = ClassifyTrainArgs(
-        data=str(data), init_from=str(backbone_run), out_dir=str(tmp_path / "cls"), max_iters=400,
-        eval_interval=4, patience=2, batch_size=8, learning_rate=3e-3, progress=False, device="cpu",
-    )  # fmt: skip
+    args = quick_args(
+        data, backbone_run, tmp_path / "cls", max_iters=400, eval_interval=4, patience=2, learning_rate=3e-3
+    )
     train_classifier(args)
     events = [json.loads(line) for line in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in events if e["event"] == "eval"]
