@@ -15,6 +15,8 @@
    seed's three variants (no mask & full, mask & full, mask & frozen), length-grouped batches and
    GPT-1's auxiliary next-token loss (--lm-loss-weight 0.5); with adaptation, then the best variant
    from the backbone before it, to show what adaptation buys.
+   --ensemble N (2; 1: off) adds a row: each seed's no-mask full run beside N-1 more fine-tunes of
+   it (seeds seed+1000, ...), class probabilities averaged (`classify eval --run A,B`).
 5. TF-IDF + logistic regression (scikit-learn, `pip install smallgpt[bench]`) on the same splits, with
    default settings and tuned on val over C x char n-gram range x sublinear tf.
 Prints Markdown tables (mean ± std over the seeds, macro-F1, times), the best variant's margin over
@@ -23,7 +25,7 @@ results are kept in --work; a second call reuses what is there (a recipe off the
 --layer-lr-decay 0.8, has its own run folders), so once one call has adapted the backbone, calls
 with other --seeds or recipes can run beside it (one per core, OMP_NUM_THREADS=1).
 
-    python benchmarks/classify_sentiment.py --work /tmp/cls   # defaults: 6 x 192, pre-training 3600 s
+    python benchmarks/classify_sentiment.py --work /tmp/cls   # 6 x 192, 1750 s pre-training; ~95 min
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def pretrain(corpus: Path, work: Path, args: argparse.Namespace) -> tuple[Path, 
         "--warmup_iters=50", f"--max_iters={args.pretrain_iters}",
         f"--max_seconds={args.pretrain_seconds}", "--lr_decay_by=seconds", "--eval_interval=250",
         "--eval_iters=20", "--log_interval=50", f"--dropout={args.pretrain_dropout}", f"--dtype={args.dtype}",
+        f"--seed={args.pretrain_seed}",
     ]  # fmt: skip
     start = time.perf_counter()
     metrics = train(load_config(None, overrides))
@@ -201,17 +204,20 @@ def cached_baselines(path: Path, splits: dict[str, list[tuple[str, str]]]) -> li
     return baselines
 
 
-def classifier_predictions(run_dir: Path, texts: list[str]) -> list[str]:
-    """The labels ckpt/best of a classify run gives texts."""
+def ensemble_scores(run_dirs: list[Path], labelled: list[tuple[str, str]]) -> tuple[dict, list[str]]:
+    """Accuracy and macro-F1 of ckpt/best of one classify run or several (their class probabilities
+    averaged) on (label, text) pairs, and the labels they predict."""
+    import numpy as np
     import torch
 
-    from smallgpt.classify.data import encode_texts
-    from smallgpt.classify.evaluate import load_classifier, predict_logits
+    from smallgpt.classify.evaluate import ensemble_probabilities, load_ensemble, probability_metrics
 
     cpu = torch.device("cpu")
-    model, tokenizer, names, _ = load_classifier(run_dir, cpu)
-    ids = encode_texts(texts, tokenizer, model.backbone.config.block_size).ids
-    return [names[i] for i in predict_logits(model, ids, 64, tokenizer.eot_id, cpu).argmax(-1).tolist()]
+    members, names, _ = load_ensemble(",".join(map(str, run_dirs)), cpu)
+    truth, texts = zip(*labelled)
+    probs = ensemble_probabilities(members, list(texts), 64, cpu)
+    metrics, _ = probability_metrics(probs, np.array([names.index(label) for label in truth]))
+    return metrics, [names[i] for i in probs.argmax(-1).tolist()]
 
 
 def mcnemar(truth: list[str], a: list[str], b: list[str]) -> tuple[int, int, float]:
@@ -243,7 +249,7 @@ def mean_std(values: list[float]) -> str:
 
 # the flags that change what a fine-tuning run learns
 RECIPE = ("adapt_iters", "adapt_learning_rate", "epochs", "learning_rate", "dropout", "lm_loss_weight",
-          "layer_lr_decay", "pooling")  # fmt: skip
+          "layer_lr_decay", "pooling", "echo")  # fmt: skip
 
 
 def recipe_suffix(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
@@ -260,7 +266,7 @@ def fine_tuning(args: argparse.Namespace, work: Path, backbone: Path) -> dict[st
         data=str(work / "train.csv"), val_data=str(work / "val.csv"), test_data=str(work / "test.csv"),
         init_from=str(backbone), text_column="review", pooling=args.pooling, epochs=args.epochs,
         learning_rate=args.learning_rate, lm_loss_weight=args.lm_loss_weight, dropout=args.dropout,
-        layer_lr_decay=args.layer_lr_decay,
+        layer_lr_decay=args.layer_lr_decay, echo=args.echo,
         group_by_length=True, progress=False, device="cpu", dtype=args.dtype,
     )  # fmt: skip
 
@@ -279,27 +285,54 @@ def fine_tune_rows(args: argparse.Namespace, work: Path, backbone: Path, seeds: 
             ablation = run_ablate(
                 ClassifyAblateArgs(**fine_tuning(args, work, backbone), out_dir=str(out), seed=seed)
             )
-        rows += [{**r, "seed": seed, "val": best_val_accuracy(out / r["variant"])} for r in ablation]
+        for r in ablation:
+            run = out / r["variant"]
+            rows.append({**r, "seed": seed, "val": best_val_accuracy(run), "runs": [run]})
     return rows
+
+
+def no_mask_run(args: argparse.Namespace, work: Path, backbone: Path, out: Path, seed: int) -> dict:
+    """A no-mask, full fine-tuning run into `out` (read back when its eval.json exists): its test
+    metrics and seconds."""
+    from smallgpt.classify.train import ClassifyTrainArgs, train_classifier
+
+    if (out / "eval.json").is_file():
+        return json.loads((out / "eval.json").read_text())
+    settings = fine_tuning(args, work, backbone)
+    return train_classifier(ClassifyTrainArgs(**settings, out_dir=str(out), seed=seed, mask_padding=False))
 
 
 def plain_rows(args: argparse.Namespace, work: Path, pretrained: Path, seeds: list[int]) -> list[dict]:
     """No mask, full fine-tuning from the backbone before adaptation: what adaptation buys."""
-    from smallgpt.classify.train import ClassifyTrainArgs, train_classifier
-
     rows = []
     for seed in seeds:
         out = work / f"plain{args.recipe}" / f"seed{seed}"
-        if (out / "eval.json").is_file():
-            result = json.loads((out / "eval.json").read_text())
-        else:
-            result = train_classifier(
-                ClassifyTrainArgs(
-                    **fine_tuning(args, work, pretrained), out_dir=str(out), seed=seed, mask_padding=False,
-                )
-            )  # fmt: skip
-        rows.append({**result, "mask": False, "frozen": False, "seed": seed, "val": best_val_accuracy(out)})
+        result = no_mask_run(args, work, pretrained, out, seed)
+        val = best_val_accuracy(out)
+        rows.append({**result, "mask": False, "frozen": False, "seed": seed, "val": val, "runs": [out]})
     return rows
+
+
+def ensemble_rows(
+    args: argparse.Namespace, work: Path, backbone: Path, rows: list[dict], splits: dict
+) -> list[dict]:
+    """Per seed, its no-mask full run beside --ensemble - 1 more (fine-tuning seeds seed + 1000,
+    seed + 2000, ...), their class probabilities averaged; seconds add up the members' fine-tuning."""
+    ensembles = []
+    for row in (r for r in rows if r["variant"] == "nomask_full"):
+        runs, seconds = list(row["runs"]), row["seconds"]
+        for k in range(1, args.ensemble):
+            member_seed = row["seed"] + 1000 * k
+            out = runs[0].parent / f"nomask_full_seed{member_seed}"
+            seconds += no_mask_run(args, work, backbone, out, member_seed)["seconds"]
+            runs.append(out)
+        test, _ = ensemble_scores(runs, splits["test"])
+        val, _ = ensemble_scores(runs, splits["val"])
+        ensembles.append(
+            {**test, "variant": f"nomask_full x{args.ensemble}", "mask": False, "frozen": False,
+             "seed": row["seed"], "val": val["accuracy"], "seconds": seconds, "runs": runs}
+        )  # fmt: skip
+    return ensembles
 
 
 def adapted_backbone(args: argparse.Namespace, work: Path, pretrained: Path, texts: list[str]) -> Path:
@@ -325,11 +358,9 @@ def torch_cpu() -> Any:
     return torch.device("cpu")
 
 
-def report(
-    rows: list[dict], plain: list[dict], baselines: list[dict], splits: dict, runs: Path, adapted: bool
-) -> None:
+def report(rows: list[dict], plain: list[dict], baselines: list[dict], splits: dict, adapted: bool) -> None:
     """Markdown tables: every variant's mean ± std over the seeds, the baselines, McNemar per seed
-    (the classifiers read back from runs/seed*/)."""
+    (the classifiers read back from their runs)."""
     print(
         "\n| backbone | mask padding | frozen | val accuracy (mean) | test accuracy (mean ± std) "
         "| macro-F1 | time (s) | seeds |"
@@ -343,6 +374,8 @@ def report(
     yes_no = {True: "yes", False: "no"}
     for name, group in groups.items():
         backbone = "adapted" if adapted and "no adaptation" not in name else "pre-trained"
+        if len(group[0]["runs"]) > 1:
+            backbone += f", {len(group[0]['runs'])} fine-tunes averaged"
         print(
             f"| {backbone} | {yes_no[group[0]['mask']]} | {yes_no[group[0]['frozen']]} "
             f"| {100 * mean_of(group, 'val'):.2f}% | {mean_std([r['accuracy'] for r in group])} "
@@ -363,9 +396,9 @@ def report(
     print(
         f"\nbest variant {best_name}: {margin:+.2f} points (mean of {len(best)} seeds) over the tuned TF-IDF"
     )
-    truth, texts = zip(*splits["test"])
+    truth = [label for label, _ in splits["test"]]
     for r in best:
-        predicted = classifier_predictions(runs / f"seed{r['seed']}" / best_name, list(texts))
+        _, predicted = ensemble_scores(r["runs"], splits["test"])
         only_gpt, only_tfidf, p = mcnemar(list(truth), predicted, tuned["predicted"])
         print(
             f"seed {r['seed']}: on the {len(truth)} test texts the GPT alone is right on {only_gpt}, "
@@ -377,8 +410,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SHARED, help="folder of shared corpora")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp folder)")
-    parser.add_argument("--pretrain-seconds", type=float, default=3600, help="the lr decays over this budget")
+    parser.add_argument(
+        "--pretrain-seconds", type=float, default=1750, help="the lr decays over this budget (two threads)"
+    )
     parser.add_argument("--pretrain-iters", type=int, default=100_000, help="an upper bound on steps")
+    parser.add_argument(
+        "--pretrain-seed", type=int, default=1337, help="seed of the initial weights and the batches"
+    )
     parser.add_argument(
         "--pretrain-dropout", type=float, default=0.0, help="dropout in pre-training, against memorising"
     )
@@ -412,6 +450,10 @@ def main() -> None:
         "--layer-lr-decay", type=float, default=1.0, help="each block's lr over the one above it (1: off)"
     )
     parser.add_argument("--pooling", default="mean")
+    parser.add_argument("--echo", action="store_true", help="each text is read twice (classify train --echo)")
+    parser.add_argument(
+        "--ensemble", type=int, default=2, help="average the no-mask full run with N-1 other seeds (1: off)"
+    )
     parser.add_argument("--seed", type=int, default=1337, help="seed of the labelled splits")
     parser.add_argument("--seeds", default="1337,1338,1339", help="fine-tuning seeds, comma-separated")
     args = parser.parse_args()
@@ -420,6 +462,8 @@ def main() -> None:
     for name in ("pretrain_dropout", "dropout"):
         if not 0 <= getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+    if args.ensemble < 1:
+        parser.error(f"--ensemble must be at least 1, got {args.ensemble}")
     if not 0 < args.layer_lr_decay <= 1:
         parser.error(f"--layer-lr-decay must be in (0, 1], got {args.layer_lr_decay}")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -443,11 +487,13 @@ def main() -> None:
         train_texts = [text for _, text in splits["train"]]
         backbone = adapted_backbone(args, work, pretrained, train_texts) if args.adapt_iters else pretrained
         rows = fine_tune_rows(args, work, backbone, seeds)
+        if args.ensemble > 1:
+            rows += ensemble_rows(args, work, backbone, rows, splits)
         plain = [] if args.no_plain or not args.adapt_iters else plain_rows(args, work, pretrained, seeds)
         print(
             f"\nsentiment_zh: train {args.train_size}, val {args.val_size}, test {args.test_size} (balanced)"
         )
-        report(rows, plain, baselines, splits, work / f"ablate{args.recipe}", args.adapt_iters > 0)
+        report(rows, plain, baselines, splits, args.adapt_iters > 0)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,14 @@ from smallgpt.classify.data import (
     sorted_labels,
     stratified_split,
 )
-from smallgpt.classify.evaluate import confusion_matrix, load_classifier, scores
-from smallgpt.classify.model import ClassifierConfig, GPTClassifier, pool
+from smallgpt.classify.evaluate import (
+    confusion_matrix,
+    ensemble_probabilities,
+    load_classifier,
+    load_ensemble,
+    scores,
+)
+from smallgpt.classify.model import ClassifierConfig, GPTClassifier, echo, pool
 from smallgpt.classify.train import ClassifyTrainArgs, layer_lr_groups, load_splits, train_classifier
 from smallgpt.cli import main
 from smallgpt.data.tokenizers import CharTokenizer
@@ -172,6 +178,55 @@ def test_next_token_loss_is_the_language_model_loss_over_the_texts(padding_side,
         alone = [backbone(torch.from_numpy(t[:-1])[None], torch.from_numpy(t[1:])[None])[1] for t in texts]
     pairs = torch.tensor([len(t) - 1 for t in texts], dtype=torch.float32)
     torch.testing.assert_close(lm_loss, (torch.stack(alone) * pairs).sum() / pairs.sum())
+
+
+def test_echo_reads_text_separator_text_and_pools_each_token_once():
+    texts = [np.array([3, 4, 5, 6, 7]), np.array([2, 5]), np.array([9])]
+    for side in ("right", "left"):
+        x, real = collate(texts, pad_id=0, padding_side=side, device=torch.device("cpu"))
+        echoed = echo(x, real, separator=1, block_size=8)
+        # the 5-token text leaves room for the repeat of its first 2 tokens only
+        assert echoed.ids.tolist() == [
+            [3, 4, 5, 6, 7, 1, 3, 4],
+            [2, 5, 1, 2, 5, 1, 1, 1],
+            [9, 1, 9, 1, 1, 1, 1, 1],
+        ]
+        assert echoed.text.sum(1).tolist() == [8, 5, 3]
+        assert echoed.first.sum(1).tolist() == [5, 2, 1]
+        for row, ids in enumerate(texts):  # pooling reads every text token once, none twice
+            assert sorted(echoed.ids[row][echoed.pooled[row]].tolist()) == sorted(ids.tolist())
+        assert echoed.pooled[0].tolist() == [False, False, True, True, True, False, True, True]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_echo_keeps_padding_invisible_and_the_lm_loss_on_the_text(padding_side):
+    torch.manual_seed(0)
+    backbone = GPT(ModelConfig(vocab_size=12, pos_emb="rope", **TINY))
+    plain = GPTClassifier(backbone, ClassifierConfig(2, padding_side=padding_side)).eval()
+    echoing = GPTClassifier(backbone, ClassifierConfig(2, padding_side=padding_side, echo_separator=0)).eval()
+    echoing.head = plain.head
+    texts = [np.array([3, 4, 5, 6, 7, 8, 9]), np.array([2, 5]), np.array([11, 10, 9, 8])]
+    x, real = collate(texts, pad_id=0, padding_side=padding_side, device=torch.device("cpu"))
+    with torch.no_grad():
+        logits, lm_loss = echoing(x, real, with_lm_loss=True)
+        plain_logits, plain_lm_loss = plain(x, real, with_lm_loss=True)
+        for row, ids in enumerate(texts):
+            alone = torch.from_numpy(ids)[None]
+            lone = echoing(alone, torch.ones_like(alone, dtype=torch.bool))[0]
+            torch.testing.assert_close(logits[row], lone)
+    # the first copy is the text as the plain model reads it; the repeat changes what is pooled
+    torch.testing.assert_close(lm_loss, plain_lm_loss)
+    assert not torch.allclose(logits, plain_logits)
+
+
+def test_echo_trains_and_reloads(tmp_path, make_backbone_run):
+    backbone_run = make_backbone_run(tmp_path / "backbone")
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(120), header=("label", "text"))
+    out = tmp_path / "cls"
+    args = quick_args(data, backbone_run, out, echo=True, epochs=4, learning_rate=3e-3)
+    assert train_classifier(args)["accuracy"] == 1.0
+    model = load_classifier(out, torch.device("cpu"))[0]
+    assert model.config.echo_separator == CharTokenizer(ALPHABET).eot_id
 
 
 def test_lm_loss_weight_keeps_the_backbone_a_language_model(tmp_path, make_backbone_run):
@@ -331,6 +386,44 @@ def test_predict_a_text_and_a_file(trained, capsys, tmp_path):
     labels = [line.split("\t")[0] for line in out.splitlines() if "\t" in line]
     assert labels[:2] == ["xyz", "abc"] and len(labels) == 3
     assert "1 with unseen characters" in out
+
+
+def test_an_ensemble_averages_its_members_probabilities(trained, tmp_path, capsys, make_backbone_run):
+    run = str(trained["run"])
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(60, seed=1), header=("label", "text"))
+    other = tmp_path / "other"  # a second member: another backbone, two epochs
+    train_classifier(quick_args(data, make_backbone_run(tmp_path / "backbone"), other, epochs=2))
+    cpu = torch.device("cpu")
+    members, names, _ = load_ensemble(f"{run},{other}", cpu)
+    texts = ["abcab", "xyzzy", "abxyz"]
+    each = [ensemble_probabilities([member], texts, 8, cpu) for member in members]
+    torch.testing.assert_close(ensemble_probabilities(members, texts, 8, cpu), (each[0] + each[1]) / 2)
+    assert not torch.allclose(each[0], each[1])
+
+    test = str(trained["run"] / "test.jsonl")
+    capsys.readouterr()
+    assert main(["classify", "eval", "--run", run, "--device", "cpu"]) == 0
+    alone = capsys.readouterr().out
+    # a run beside itself is the run: the same metrics; an ensemble writes them only with --out
+    before = (trained["run"] / "eval.json").read_text()
+    assert main(["classify", "eval", "--run", f"{run},{run}", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble of 2 runs" in out and out.split(": accuracy")[1] == alone.split(": accuracy")[1]
+    assert (trained["run"] / "eval.json").read_text() == before
+    metrics = tmp_path / "ensemble.json"
+    argv = ["classify", "eval", "--run", f"{run},{other}", "--data", test, "--out", str(metrics)]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert json.loads(metrics.read_text())["runs"] == [run, str(other)]
+    capsys.readouterr()
+    assert main(["classify", "predict", "--run", f"{run},{other}", "--device", "cpu", "xyzxy"]) == 0
+    assert capsys.readouterr().out.startswith("xyz\t")
+
+    relabelled = write_csv(tmp_path / "r.csv", [(label.upper(), text) for label, text in synthetic_rows(60)])
+    upper = tmp_path / "upper"
+    train_classifier(quick_args(relabelled, trained["backbone"], upper, max_iters=2, text_column="review"))
+    assert main(["classify", "predict", "--run", f"{run},{upper}", "--device", "cpu", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: an ensemble needs the same classes") and str(upper) in err
 
 
 def test_bad_inputs_are_one_line_errors(trained, tmp_path, capsys):

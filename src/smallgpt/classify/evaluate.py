@@ -1,4 +1,7 @@
-"""`smallgpt classify eval` and `predict`: load a classify run, score labelled data or label new text."""
+"""`smallgpt classify eval` and `predict`: load a classify run, score labelled data or label new text.
+
+`--run A,B` loads an ensemble: every run scores each text and their class probabilities are averaged.
+"""
 
 from __future__ import annotations
 
@@ -80,9 +83,16 @@ def evaluate_ids(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Loss, accuracy and macro-F1 over every example, and the confusion matrix."""
     logits = predict_logits(model, ids, batch_size, pad_id, device)
+    return probability_metrics(logits.softmax(-1), labels)
+
+
+def probability_metrics(probs: torch.Tensor, labels: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics of class probabilities (N, num_classes): loss (mean negative log-likelihood of the
+    true class), accuracy and macro-F1 of the most likely class, and the confusion matrix."""
     targets = torch.from_numpy(labels)
-    confusion = confusion_matrix(labels, logits.argmax(-1).numpy(), model.config.num_classes)
-    return {"loss": F.cross_entropy(logits, targets).item(), **scores(confusion)}, confusion
+    confusion = confusion_matrix(labels, probs.argmax(-1).numpy(), probs.size(1))
+    loss = F.nll_loss(probs.clamp_min(1e-12).log(), targets).item()
+    return {"loss": loss, **scores(confusion)}, confusion
 
 
 def load_classifier(
@@ -108,11 +118,54 @@ def load_classifier(
     return model.to(device).eval(), tokenizer, names, settings
 
 
+Member = tuple[GPTClassifier, Tokenizer]
+
+
+def run_folders(run: str) -> list[str]:
+    """`--run A,B` -> ["A", "B"]."""
+    runs = [part.strip() for part in run.split(",") if part.strip()]
+    if not runs:
+        raise UserError("--run needs a classify run folder (several, comma-separated, for an ensemble)")
+    return runs
+
+
+def load_ensemble(
+    run: str, device: torch.device, which: str = "best"
+) -> tuple[list[Member], list[str], dict]:
+    """The classifiers of one run or several (`A,B`), their shared class names, the first's settings."""
+    runs = run_folders(run)
+    loaded = [load_classifier(run_dir, device, which) for run_dir in runs]
+    _, _, names, settings = loaded[0]
+    for run_dir, (_, _, other_names, _) in zip(runs[1:], loaded[1:]):
+        if other_names != names:
+            raise UserError(
+                f"an ensemble needs the same classes: {run_dir} has {other_names}, {runs[0]} has {names}"
+            )
+    return [(model, tokenizer) for model, tokenizer, _, _ in loaded], names, settings
+
+
+def ensemble_probabilities(
+    members: list[Member], texts: list[str], batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """Class probabilities (N, num_classes): the mean over the members, each reading the texts
+    through its own tokenizer and block size."""
+    total = torch.zeros(())
+    for model, tokenizer in members:
+        ids = encode_texts(texts, tokenizer, model.backbone.config.block_size).ids
+        total = total + predict_logits(model, ids, batch_size, tokenizer.eot_id, device).softmax(-1)
+    return total / len(members)
+
+
 # ---- verbs -----------------------------------------------------------------------------------
 @dataclass
 class LoadedRunArgs:
     run: str = field(
-        default="", metadata={"help": "run folder made by smallgpt classify train", "required": True}
+        default="",
+        metadata={
+            "help": "run folder made by smallgpt classify train; several, comma-separated, average "
+            "their class probabilities (an ensemble)",
+            "required": True,
+        },
     )
     batch_size: int = field(default=64, metadata={"help": "texts per forward pass"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
@@ -127,7 +180,10 @@ class ClassifyEvalArgs(LoadedRunArgs):
     text_column: str | None = field(default=None, metadata={"help": "text column (default: the run's)"})
     label_column: str | None = field(default=None, metadata={"help": "label column (default: the run's)"})
     delimiter: str | None = field(default=None, metadata={"help": "CSV delimiter (default: sniffed)"})
-    out: str | None = field(default=None, metadata={"help": "metrics JSON file (default: RUN/eval.json)"})
+    out: str | None = field(
+        default=None,
+        metadata={"help": "metrics JSON file (default: RUN/eval.json; an ensemble's only with --out)"},
+    )
 
 
 def report(metrics: dict[str, float], confusion: np.ndarray, names: list[str], what: str) -> str:
@@ -139,10 +195,11 @@ def report(metrics: dict[str, float], confusion: np.ndarray, names: list[str], w
 
 def run_eval(args: ClassifyEvalArgs) -> dict[str, float]:
     device = resolve_device(args.device)
-    model, tokenizer, names, settings = load_classifier(args.run, device, args.checkpoint)
-    data = args.data or str(Path(args.run) / TEST_SPLIT)
+    members, names, settings = load_ensemble(args.run, device, args.checkpoint)
+    runs = run_folders(args.run)
+    data = args.data or str(Path(runs[0]) / TEST_SPLIT)
     if args.data is None and not Path(data).is_file():
-        raise UserError(f"run {args.run} has no held-out test split: pass --data FILE")
+        raise UserError(f"run {runs[0]} has no held-out test split: pass --data FILE")
     columns = (
         settings["columns"]
         if args.data is None
@@ -152,14 +209,18 @@ def run_eval(args: ClassifyEvalArgs) -> dict[str, float]:
     examples = read_examples(data, columns["text"], columns["label"], args.delimiter or settings["delimiter"])
     if examples.empty_skipped:
         print(f"{data}: skipped {examples.empty_skipped} rows with empty text")
-    encoded = encode_texts(examples.texts, tokenizer, model.backbone.config.block_size)
-    print(encoded.report(data, model.backbone.config.block_size))
-    metrics, confusion = evaluate_ids(
-        model, encoded.ids, label_ids(examples, names), args.batch_size, tokenizer.eot_id, device
-    )
-    print(report(metrics, confusion, names, data))
-    out = Path(args.out) if args.out else Path(args.run) / "eval.json"
-    atomic_write_json(out, {"data": data, **metrics, "labels": names, "confusion": confusion.tolist()})
+    model, tokenizer = members[0]
+    block_size = model.backbone.config.block_size
+    print(encode_texts(examples.texts, tokenizer, block_size).report(data, block_size))
+    probs = ensemble_probabilities(members, examples.texts, args.batch_size, device)
+    metrics, confusion = probability_metrics(probs, label_ids(examples, names))
+    what = data if len(runs) == 1 else f"{data}, ensemble of {len(runs)} runs"
+    print(report(metrics, confusion, names, what))
+    # an ensemble's metrics belong to no one run folder, so they are written only where asked
+    out = Path(args.out) if args.out else Path(runs[0]) / "eval.json" if len(runs) == 1 else None
+    if out is not None:
+        record = {"data": data, "runs": runs, **metrics, "labels": names, "confusion": confusion.tolist()}
+        atomic_write_json(out, record)
     return metrics
 
 
@@ -182,12 +243,13 @@ def run_predict(args: ClassifyPredictArgs) -> list[str]:
     else:
         raise UserError("the text to classify is empty")
     device = resolve_device(args.device)
-    model, tokenizer, names, _ = load_classifier(args.run, device, args.checkpoint)
+    members, names, _ = load_ensemble(args.run, device, args.checkpoint)
+    model, tokenizer = members[0]
     block_size = model.backbone.config.block_size
     encoded = encode_texts(texts, tokenizer, block_size)
     if encoded.truncated or encoded.unknown_texts:
         print(encoded.report("input", block_size))
-    probs = predict_logits(model, encoded.ids, args.batch_size, tokenizer.eot_id, device).softmax(-1)
+    probs = ensemble_probabilities(members, texts, args.batch_size, device)
     labels = [names[i] for i in probs.argmax(-1).tolist()]
     for text, label, row in zip(texts, labels, probs.tolist()):
         print(f"{label}\t" + " ".join(f"{n}={p:.3f}" for n, p in zip(names, row)) + f"\t{text}")

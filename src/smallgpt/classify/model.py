@@ -6,12 +6,17 @@ Two ways to treat padding, the seed's ablation:
   padding, or with rotary positions on either side).
 - `mask_padding=False` (the seed's "no mask"): the model is not told where padding is. Pads (the
   end-of-text id) are attended to like text, and pooling reads the last position / all positions.
+
+Echo (`echo_separator` set): the model reads `text SEP text` and pools over the second copy, whose
+every token has seen the whole text once; a causal model otherwise sees only what came before a
+token (the idea of Springer et al. 2024, "Repetition improves language model embeddings").
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,6 +38,7 @@ class ClassifierConfig:
     mask_padding: bool = True
     freeze_backbone: bool = False
     padding_side: str = "right"  # right | left
+    echo_separator: int | None = None  # None: off; else read `text SEP text`, SEP this token id
 
     def validate(self) -> None:
         if self.num_classes < 2:
@@ -58,6 +64,33 @@ def padding_attention_mask(real: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
     diagonal = torch.eye(T, dtype=torch.bool, device=real.device)
     return (causal & real[:, None, None, :]) | diagonal  # (B, 1, T, T)
+
+
+class EchoBatch(NamedTuple):
+    ids: torch.Tensor  # (B, T2) `text SEP text`, right-aligned, padded with SEP
+    text: torch.Tensor  # (B, T2) True at both copies and the separator
+    pooled: torch.Tensor  # (B, T2) True where pooling reads: each text token once
+    first: torch.Tensor  # (B, T2) True at the first copy, the one the next-token loss reads
+
+
+def echo(idx: torch.Tensor, text: torch.Tensor, separator: int, block_size: int) -> EchoBatch:
+    """Padded ids (B, T) with text mask -> `text SEP text` per row, cut at block_size.
+
+    Pooling reads each text token once: its repeat where the block holds one, else the token itself
+    (a text longer than half the block has a tail with no room for its repeat).
+    """
+    order = torch.argsort((~text).to(torch.int8), dim=1, stable=True)  # text first, in its order
+    compact = idx.gather(1, order)  # right-aligned whatever the padding side
+    length = text.sum(1, keepdim=True)  # (B, 1)
+    width = min(int(2 * length.max()) + 1, block_size)
+    j = torch.arange(width, device=idx.device)  # (width,)
+    source = torch.where(j < length, j, j - length - 1).clamp(0, idx.size(1) - 1)
+    in_text = j < 2 * length + 1
+    ids = torch.where(in_text & (j != length), compact.gather(1, source), separator)
+    repeats = (width - length - 1).clamp(min=0).minimum(length)  # (B, 1): tokens with their repeat
+    repeat = (j > length) & in_text
+    unrepeated = (j < length) & (j >= repeats)
+    return EchoBatch(ids, in_text, repeat | unrepeated, j < length)
 
 
 def pooled_width(n_embd: int, pooling: str) -> int:
@@ -107,17 +140,22 @@ class GPTClassifier(nn.Module):
         with_lm_loss also returns the backbone's next-token loss over the texts, GPT-1's auxiliary
         fine-tuning objective: it keeps the backbone a language model while it learns the labels.
         """
-        text = real
-        if not self.config.mask_padding:
-            real = torch.ones_like(real)  # the seed's "no mask": pads count as text everywhere
+        text = pooled = first = real
+        if self.config.echo_separator is not None:
+            block_size = self.backbone.config.block_size
+            idx, text, pooled, first = echo(idx, real, self.config.echo_separator, block_size)
+        attend = text
+        if not self.config.mask_padding:  # the seed's "no mask": pads count as text everywhere
+            attend, pooled = torch.ones_like(text), pooled | ~text
         # an unpadded batch needs no mask: plain causal attention takes the fast kernel
-        attn_mask = None if bool(real.all()) else padding_attention_mask(real)
+        attn_mask = None if bool(attend.all()) else padding_attention_mask(attend)
         with torch.no_grad() if self.config.freeze_backbone else contextlib.nullcontext():
             hidden = self.backbone.hidden_states(idx, attn_mask=attn_mask)  # (B, T, C)
-        logits = self.head(pool(hidden, real, self.config.pooling))
+        logits = self.head(pool(hidden, pooled, self.config.pooling))
         if not with_lm_loss:
             return logits
-        return logits, next_token_loss(self.backbone, hidden, idx, text)
+        # the repeat is a copy, easy to predict, so the next-token loss reads the first copy only
+        return logits, next_token_loss(self.backbone, hidden, idx, first)
 
 
 def next_token_loss(

@@ -79,6 +79,13 @@ class ClassifyOptions:
         metadata={"help": "last (last real token) | mean (over real tokens) | meanmax (mean and max)"},
     )
     padding_side: str = field(default="right", metadata={"help": "right | left"})
+    echo: bool = field(
+        default=False,
+        metadata={
+            "help": "read each text twice (text, end-of-text, text) and pool over the repeat, whose "
+            "tokens have seen the whole text: about twice the compute"
+        },
+    )
     batch_size: int = field(default=32, metadata={"help": "texts per step"})
     group_by_length: bool = field(
         default=True,
@@ -162,9 +169,15 @@ class ClassifyTrainArgs(ClassifyOptions):
         },
     )
 
-    def classifier(self, num_classes: int) -> ClassifierConfig:
+    def classifier(self, num_classes: int, separator: int) -> ClassifierConfig:
+        """The classifier's settings; separator: the token between a text and its echo."""
         config = ClassifierConfig(
-            num_classes, self.pooling, self.mask_padding, self.freeze_backbone, self.padding_side
+            num_classes,
+            self.pooling,
+            self.mask_padding,
+            self.freeze_backbone,
+            self.padding_side,
+            echo_separator=separator if self.echo else None,
         )
         config.validate()
         return config
@@ -310,7 +323,7 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
     if args.dropout is not None:
         backbone.set_dropout(args.dropout)
     block_size = backbone.config.block_size
-    classifier = args.classifier(len(splits.names))
+    classifier = args.classifier(len(splits.names), tokenizer.eot_id)
     encoded = {}
     for split in ("train", "val", "test"):
         examples = getattr(splits, split)
