@@ -83,7 +83,7 @@ class ClassifyOptions:
         default=False,
         metadata={
             "help": "read each text twice (text, end-of-text, text) and pool over the repeat, whose "
-            "tokens have seen the whole text: about twice the compute"
+            "tokens have seen the whole text (1.35x the fine-tuning time on the review benchmark)"
         },
     )
     batch_size: int = field(default=32, metadata={"help": "texts per step"})
