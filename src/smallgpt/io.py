@@ -67,6 +67,13 @@ def check_folder_target(path: str | os.PathLike) -> None:
         raise UserError(f"{path} exists and is not a folder: choose another output path")
 
 
+def refuse_to_replace(path: str | os.PathLike, what: str, overwrite: bool, how: str = "--overwrite") -> None:
+    """The one rule of every writer: `path` already holds `what` (a trained run, prepared data, an
+    export), and it is replaced only when the user said so (`how`, e.g. `--overwrite`)."""
+    if not overwrite:
+        raise UserError(f"{path} already holds {what}: pass {how} to replace it, or choose another path")
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temp folder; on success it takes the place of `path` (an old one is replaced).
