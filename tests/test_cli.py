@@ -149,9 +149,14 @@ def test_start_from_file_and_continue_session(trained, tmp_path):
     )
 
 
-def test_unknown_character_in_start_is_a_clear_error(trained, capsys):
+def test_unseen_characters_in_start_are_read_as_unk_with_a_note(trained, capsys):
+    """As on every surface (docs/chat.md#characters-the-model-never-saw): not an error."""
     _, run = trained
-    assert_user_error(capsys, ["sample", "--run", str(run), "--start", "西游记"], "西")
+    args = ["sample", "--run", str(run), "--start", "西游记 ", "--num-samples", "1", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("西游记 ")
+    assert err == "note: 3 character(s) the model never saw are read as <|unk|>: '西', '游', '记'\n"
 
 
 @pytest.mark.parametrize(

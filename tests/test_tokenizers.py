@@ -5,6 +5,8 @@ import pytest
 
 from smallgpt.data.tokenizers import (
     CharTokenizer,
+    NanoGPTCharTokenizer,
+    Unseen,
     build_tokenizer,
     load_tokenizer,
     save_tokenizer,
@@ -57,6 +59,25 @@ def test_char_unknown_characters():
         tok.encode("abxc😀x")
     assert tok.encode("ax😀", unknown="replace") == [2, 1, 1]
     assert tok.decode(tok.encode("ax", unknown="replace")) == "a<|unk|>"
+
+
+def test_user_text_reads_unseen_characters_as_unk_and_names_them_visibly():
+    """The one rule of every surface (chat, the API, the server, eval): unseen characters become
+    <|unk|>, counted, named once; a space or a newline is shown, not blank."""
+    tok = build_tokenizer("char", ["ab"])
+    ids, unseen = tok.encode_user_text("a b\nb a😀")
+    assert ids.tolist() == [2, 1, 3, 1, 3, 1, 2, 1]
+    assert unseen == Unseen((" ", "\n", "😀"), 4)
+    assert unseen.note() == "3 character(s) the model never saw are read as <|unk|>: ' ', '\\n', '😀'"
+    assert (unseen + Unseen(("😀", "x"), 2)).chars == (" ", "\n", "😀", "x")
+    assert tok.encode_user_text("ab")[1].note() is None
+    gpt2 = build_tokenizer("gpt2")
+    ids, unseen = gpt2.encode_user_text("a b 😀")
+    assert gpt2.decode(ids.tolist()) == "a b 😀" and unseen == Unseen()
+    with pytest.raises(UserError, match="'x'"):  # a nanoGPT vocabulary has no <|unk|> to read it as
+        NanoGPTCharTokenizer("ab").encode_user_text("ax")
+    many = Unseen(tuple("cdefghijklmn"), 12).note()
+    assert many is not None and many.endswith("'k', 'l' and 2 more")
 
 
 def test_char_batch_matches_single(chinese):

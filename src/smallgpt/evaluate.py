@@ -113,10 +113,11 @@ def sum_nats(model: GPT, sequences: Sequence[np.ndarray], stride: int, batch_siz
     return total
 
 
-def encode_document(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    """[end-of-text, *ids of text]; characters a char tokenizer never saw become <|unk|>."""
-    ids = tokenizer.encode_to_array(text, unknown="replace")
-    return np.concatenate(([tokenizer.eot_id], ids)).astype(np.int64)
+def encode_document(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, int]:
+    """([end-of-text, *ids of text], how many characters were read as <|unk|>): characters a char
+    tokenizer never saw, as every surface reads them (`Tokenizer.encode_user_text`)."""
+    ids, unseen = tokenizer.encode_user_text(text)
+    return np.concatenate(([tokenizer.eot_id], ids)).astype(np.int64), unseen.count
 
 
 def score_documents(
@@ -139,14 +140,14 @@ def score_documents(
     unk = tokenizer.special_tokens.get(UNK)  # only char tokenizers have one
     score, sequences, unknown = Score(), [], 0
     for text in documents:
-        ids = encode_document(tokenizer, text)
+        ids, unknown_here = encode_document(tokenizer, text)
         if len(ids) < 2:  # nothing to score
             continue
         sequences.append(ids)
         score.tokens += len(ids) - 1
         score.bytes += len(text.encode("utf-8"))
         score.documents += 1
-        unknown += int((ids == unk).sum()) if unk is not None else 0
+        unknown += unknown_here
     score.unknown_chars = None if unk is None else unknown
     if not score.tokens:
         raise UserError("there is no text to score")

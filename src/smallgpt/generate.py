@@ -17,6 +17,11 @@ from smallgpt.io import read_user_text
 from smallgpt.runs import Precision, load_source
 
 
+def print_note(line: str) -> None:
+    """What the CLI's verbs tell the user without stopping (e.g. characters the model never saw)."""
+    print(f"note: {line}", file=sys.stderr)
+
+
 class StreamDecoder:
     """Turns token ids into text pieces; holds back ids that end inside a multi-byte character."""
 
@@ -115,9 +120,13 @@ class Generator:
             self.model, max_batch=1, use_cache=options.kv_cache, compile=options.compile
         )
 
-    def encode_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
-        return ids or [self.tokenizer.eot_id]  # an empty start means "a new document"
+    def encode_prompt(self, text: str, notice: Callable[[str], None] | None = None) -> list[int]:
+        """Ids of a prompt; characters the model never saw are read as <|unk|> and reported to
+        `notice` (default: a note on stderr)."""
+        ids, unseen = self.tokenizer.encode_user_text(text)
+        if note := unseen.note():
+            (notice or print_note)(note)
+        return ids.tolist() or [self.tokenizer.eot_id]  # an empty start means "a new document"
 
     def suppress_ids(self, stop_ids: tuple[int, ...]) -> tuple[int, ...]:
         """Ids the model must not produce: special tokens other than the ones that end the text, and
@@ -197,7 +206,7 @@ def interactive_continue(
             start = read("start> ")
             try:
                 context = gen.encode_prompt(start)
-            except UserError as e:  # e.g. a character the model never saw: say so, ask again
+            except UserError as e:  # e.g. a character a nanoGPT vocabulary has no id for: say so, ask again
                 out.write(f"error: {e}\n")
                 continue
             out.write(start)

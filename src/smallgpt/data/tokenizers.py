@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,27 @@ from smallgpt.io import atomic_write_json
 EOT = "<|endoftext|>"
 UNK = "<|unk|>"
 TOKENIZER_KINDS = ("char", "gpt2", "bpe:N")
+SHOWN_UNSEEN = 10  # unseen characters a note names
+
+
+@dataclass(frozen=True)
+class Unseen:
+    """Characters of user text that a tokenizer never saw, each read as <|unk|>."""
+
+    chars: tuple[str, ...] = ()  # distinct, in order of first appearance
+    count: int = 0  # how many characters of the text were read as <|unk|>
+
+    def __add__(self, other: Unseen) -> Unseen:
+        return Unseen(tuple(dict.fromkeys(self.chars + other.chars)), self.count + other.count)
+
+    def note(self) -> str | None:
+        """The one report every surface gives (CLI note, API warning, the server's `warnings`);
+        None when there is nothing to say. repr shows a space or a newline, not nothing."""
+        if not self.chars:
+            return None
+        shown = ", ".join(repr(c) for c in self.chars[:SHOWN_UNSEEN])
+        more = f" and {len(self.chars) - SHOWN_UNSEEN} more" if len(self.chars) > SHOWN_UNSEEN else ""
+        return f"{len(self.chars)} character(s) the model never saw are read as {UNK}: {shown}{more}"
 
 
 class Tokenizer:
@@ -44,6 +66,12 @@ class Tokenizer:
 
     def encode_to_array(self, text: str, unknown: str = "error") -> np.ndarray:
         raise NotImplementedError
+
+    def encode_user_text(self, text: str) -> tuple[np.ndarray, Unseen]:
+        """Ids of text a user typed (a prompt, a chat message, a text to score): the one rule of chat,
+        the Python API, the server and eval for characters the tokenizer never saw. Byte-level
+        tokenizers encode every text; the char tokenizer reads unseen characters as <|unk|>."""
+        return self.encode_to_array(text), Unseen()
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -153,6 +181,14 @@ class CharTokenizer(Tokenizer):
                 raise UserError(_unknown_chars_message(codepoints[missing]))
             ids[missing] = self.unk_id
         return ids
+
+    def encode_user_text(self, text: str) -> tuple[np.ndarray, Unseen]:
+        # nanogpt-char has no <|unk|>: its unseen characters stay an error naming them
+        ids = self.encode_to_array(text, unknown="replace")
+        if self.unk_id is None or not (unseen := np.flatnonzero(ids == self.unk_id)).size:
+            return ids, Unseen()
+        # one id per character: `unseen` holds positions in `text`
+        return ids, Unseen(tuple(dict.fromkeys(text[i] for i in unseen)), len(unseen))
 
     def encode_batch_to_arrays(self, texts: list[str]) -> list[np.ndarray]:
         # One id per character, so one big encode split at the text lengths gives each text's ids.
