@@ -168,3 +168,34 @@ def server(tmp_path_factory, lm_run, lccc_chat_run):
     yield process
     process.close()
     assert "Traceback" not in process.output(), process.output()  # no request ever hit a bug
+
+
+@pytest.fixture(scope="session")
+def system_chat_run(tmp_path_factory) -> Path:
+    """A chat run whose tokenizer has <|system|> (as prepare gives data with system messages), with
+    random weights: for tests of what reaches the model's context, not of what it answers."""
+    from smallgpt.chat.format import CHAT_TOKENS, SYSTEM_TOKEN
+    from smallgpt.data.tokenizers import CharTokenizer
+
+    tokenizer = CharTokenizer("你好呀吃了吗过再见拜猫狗是")
+    tokenizer.add_special_tokens((*CHAT_TOKENS, SYSTEM_TOKEN))
+    run = tmp_path_factory.mktemp("system_chat") / "system_chat"
+    config = ModelConfig(block_size=48, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_embd=16)
+    write_run(run, config, tokenizer)
+    return run
+
+
+@pytest.fixture
+def generation_prompts(monkeypatch) -> list[list[int]]:
+    """The prompt ids of every generation (any front-end in this process), in order."""
+    from smallgpt.decode import DecodeEngine
+
+    prompts: list[list[int]] = []
+    generate = DecodeEngine.generate
+
+    def recording(self, prompt_ids, *args, **kwargs):
+        prompts.append(list(prompt_ids))
+        return generate(self, prompt_ids, *args, **kwargs)
+
+    monkeypatch.setattr(DecodeEngine, "generate", recording)
+    return prompts

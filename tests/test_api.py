@@ -131,14 +131,51 @@ def test_a_hugging_face_folder_loads_and_scores_like_its_run(text_run, tmp_path,
 def test_chat_answers_messages_in_the_chat_format(chat_model):
     assert chat_model.chat([{"role": "user", "content": "吃了吗"}], temperature=0) == "吃过了"
     messages = [
-        {"role": "system", "content": "be brief"},  # no turn for it in the format: skipped
+        {"role": "system", "content": "be brief"},  # a run without <|system|>: ignored, with a warning
         {"role": "user", "content": "你好"},
         {"role": "assistant", "content": "你好呀"},
         {"role": "user", "content": "再见"},
     ]
-    assert chat_model.chat(messages, temperature=0) == "拜拜"
-    sampled = chat_model.chat(messages, seed=3)
-    assert chat_model.chat(messages, seed=3) == sampled
+    with pytest.warns(UserWarning, match="trained without system messages"):
+        assert chat_model.chat(messages, temperature=0) == "拜拜"
+    parts = [{"type": "text", "text": "吃了"}, {"type": "text", "text": "吗"}]  # as the server takes them
+    assert chat_model.chat([{"role": "user", "content": parts}], temperature=0) == "吃过了"
+    sampled = chat_model.chat(messages[1:], seed=3)
+    assert chat_model.chat(messages[1:], seed=3) == sampled
+
+
+UNSEEN_NOTE = "2 character(s) the model never saw are read as <|unk|>: ' ', 'o'"
+
+
+def test_unseen_characters_are_read_as_unk_with_one_warning(chat_model, text_run):
+    """Chat, generate and score read characters the model never saw as <|unk|> (as smallgpt chat
+    and the server do), say so once, at the caller's line, and score counts them."""
+    with pytest.warns(UserWarning) as caught:
+        reply = chat_model.chat(
+            [
+                {"role": "user", "content": "吃 o"},
+                {"role": "assistant", "content": "o"},
+                {"role": "user", "content": "吃了吗"},
+            ],
+            temperature=0,
+        )
+    assert [str(w.message) for w in caught] == [UNSEEN_NOTE] and caught[0].filename == __file__
+    assert isinstance(reply, str)
+    m = smallgpt.load(text_run, device="cpu")
+    with pytest.warns(UserWarning, match="1 character\\(s\\) .*: '你'") as caught:
+        text = m.generate("ROMEO: 你", max_new_tokens=5, seed=1)
+    assert len(caught) == 1 and caught[0].filename == __file__ and len(text) <= 5
+    assert m.score("ROMEO: 你好")["unknown_chars"] == 2 and m.score("ROMEO")["unknown_chars"] == 0
+
+
+def test_a_system_message_reaches_the_models_context(system_chat_run, generation_prompts):
+    from smallgpt.chat.format import BOT, SYSTEM, USER, ChatFormat, Turn
+
+    m = smallgpt.load(system_chat_run, device="cpu")
+    messages = [{"role": "system", "content": "你是猫"}, {"role": "user", "content": "你好"}]
+    m.chat(messages, max_new_tokens=4, seed=1)
+    fmt = ChatFormat(m.tokenizer)
+    assert fmt.decode(generation_prompts[0]) == [Turn(SYSTEM, "你是猫"), Turn(USER, "你好"), Turn(BOT, "")]
 
 
 def test_chat_replies_like_the_chat_verb(chat_model, capsys):
@@ -156,6 +193,7 @@ def test_chat_replies_like_the_chat_verb(chat_model, capsys):
         ([{"role": "robot", "content": "hi"}], "message 0"),
         ([{"role": "user", "content": 3}], "message 0"),
         (["hi"], "message 0"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "message 0: content"),
     ],
 )
 def test_bad_messages_are_user_errors(chat_model, messages, fragment):

@@ -11,11 +11,15 @@ from smallgpt.chat.format import (
     BOT,
     CHAT_TOKENS,
     END_TOKEN,
+    NO_SYSTEM_TURN,
+    SYSTEM,
+    SYSTEM_TOKEN,
     USER,
     ChatFormat,
     Turn,
     alternate,
     keep_recent,
+    turns_from_messages,
     windows,
 )
 from smallgpt.chat.repl import ChatSession
@@ -25,6 +29,7 @@ from smallgpt.data.tokenizers import build_tokenizer, load_tokenizer, tokenizer_
 from smallgpt.errors import UserError
 from smallgpt.generate import Generator
 from smallgpt.preparation import PrepareArgs, run_prepare
+from smallgpt.serve.models import ServedModel
 from smallgpt.train.run import train
 
 CONVERSATION = [
@@ -36,9 +41,9 @@ CONVERSATION = [
 QA = [("你好", "你好呀"), ("吃了吗", "吃过了"), ("再见", "拜拜")]
 
 
-def chat_tokenizer(kind: str):
+def chat_tokenizer(kind: str, system: bool = False):
     tok = build_tokenizer(kind, [t.text for t in CONVERSATION] * 20)
-    tok.add_special_tokens(CHAT_TOKENS)
+    tok.add_special_tokens(CHAT_TOKENS + ((SYSTEM_TOKEN,) if system else ()))
     return tok
 
 
@@ -115,7 +120,7 @@ def test_session_stops_at_end_of_turn_and_trims_history(capsys):
     assert session.reply("今天天气怎么样？", out) == "哈哈"
     for text in ("出去走走吧。", "你好！你好！", "天气"):
         session.reply(text, out)
-    assert len(gen.prompts[-1]) <= session.budget + 2
+    assert len(gen.prompts[-1]) <= 40 - 10  # the context less the reply
     seen = fmt.decode(gen.prompts[-1])
     assert seen[-2:] == [Turn(USER, "天气"), Turn(BOT, "")]
     assert seen[0] == Turn(USER, "你好！你好！")  # trimmed to whole turns, starting with the user's
@@ -127,8 +132,63 @@ def test_session_notices_unseen_characters_and_long_messages():
     notes = []
     session = ChatSession(ScriptedGenerator(tok, [tok.encode("好")]), notes.append)
     assert session.reply("你好😀", _Out()) == "好"
-    assert "1 character(s)" in notes[0] and "😀" in notes[0]
+    assert notes[0] == "1 character(s) the model never saw are read as <|unk|>: '😀'"
     assert session.reply("你" * 100, _Out()) is None and "shorten" in notes[1]
+    assert [turn for turn, _ in session.turns] == [Turn(USER, "你好😀"), Turn(BOT, "好")]  # not the long one
+
+
+def test_cli_session_and_server_build_the_same_prompt():
+    """One context rule: the system turn, then the most recent whole turns that fit next to the
+    reply, starting with a user turn. smallgpt chat's session and the server's chat route (the API
+    shares the server's path) give the same ids for the same conversation."""
+    tok = chat_tokenizer("char", system=True)
+    replies = [tok.encode(text) for text in ("挺好的", "哈哈", "好", "走")]
+    gen = ScriptedGenerator(tok, replies, block_size=40, max_new_tokens=10)
+    session = ChatSession(gen, print, system="你好")
+    for text in ("今天天气怎么样？", "出去走走吧。", "你好！你好！", "天气"):
+        session.reply(text, _Out())
+    conversation = [Turn(SYSTEM, "你好"), *(turn for turn, _ in session.turns[:-1])]
+    config = SimpleNamespace(block_size=40)
+    served = ServedModel("chat", SimpleNamespace(config=config), tok, None)  # type: ignore[arg-type]
+    prompt, warnings = served.chat_prompt(conversation, 10)
+    assert prompt == gen.prompts[-1] and warnings == []
+    seen = session.format.decode(prompt)
+    assert seen[0] == Turn(SYSTEM, "你好") and seen[1].role == USER  # kept first; the dialogue is trimmed
+    assert seen[1:] == [Turn(USER, "你好！你好！"), Turn(BOT, "好"), Turn(USER, "天气"), Turn(BOT, "")]
+    assert len(prompt) <= 40 - 10
+
+
+def test_a_run_without_system_turns_ignores_the_system_message_with_a_note():
+    tok = chat_tokenizer("char")  # as every chat run made before <|system|>
+    notes = []
+    gen = ScriptedGenerator(tok, [tok.encode("好")])
+    session = ChatSession(gen, notes.append, system="你好")
+    assert session.reply("你好", _Out()) == "好"
+    assert notes == [NO_SYSTEM_TURN]
+    assert session.format.decode(gen.prompts[0]) == [Turn(USER, "你好"), Turn(BOT, "")]
+
+
+@pytest.mark.parametrize(
+    "messages, turns",
+    [
+        (
+            [{"role": "user", "content": [{"type": "text", "text": "你"}, {"type": "text", "text": "好"}]}],
+            [Turn(USER, "你好")],
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": "s1"},
+                {"role": "assistant", "content": "b"},
+                {"role": "developer", "content": "s2"},
+                {"role": "user", "content": "c"},
+            ],
+            [Turn(SYSTEM, "s1\ns2"), Turn(USER, "a"), Turn(BOT, "b"), Turn(USER, "c")],
+        ),
+    ],
+)
+def test_messages_become_turns_with_the_system_turn_first(messages, turns):
+    assert turns_from_messages(messages) == turns
 
 
 class _Out:
@@ -174,7 +234,7 @@ def test_readers_of_the_four_formats(tmp_path):
     hello = alternate(["你好", "你好呀"])
     for name in files:
         dialogues = list(read_dialogues([tmp_path / name]))
-        assert dialogues[0] == hello, name
+        assert dialogues[0] == (hello if name != "d.jsonl" else [Turn(SYSTEM, "be nice"), *hello]), name
     assert list(read_dialogues([tmp_path / "a.json"]))[1] == alternate(["在吗", "在", "好的"])
     assert len(list(read_dialogues([tmp_path / "c.txt"]))) == 2
     (tmp_path / "e.jsonl").write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
@@ -229,6 +289,64 @@ def test_prepare_chat_writes_aligned_masks_and_windows(tmp_path):
     assert dialogues == 16
 
 
+def test_prepare_keeps_system_turns_first_in_every_window_with_loss_mask_0(tmp_path):
+    system = {"role": "system", "content": "简短"}
+    long_dialogue = [system] + [{"role": r, "content": "字" * 6} for r in ["user", "assistant"] * 3]
+    lines = [{"messages": long_dialogue}] + [
+        {"messages": [system, {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in QA
+    ]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines), encoding="utf-8")
+    meta = run_prepare(PrepareArgs(input=str(src), out=str(tmp_path / "data"), block_size=24, val_fraction=0))
+    tok = load_tokenizer(tmp_path / "data")
+    assert SYSTEM_TOKEN in tok.special_tokens
+    fmt = ChatFormat(tok)
+    ids = np.fromfile(tmp_path / "data" / "train.bin", dtype=meta["dtype"])
+    mask = np.fromfile(tmp_path / "data" / "train.mask.bin", dtype=np.uint8)
+    starts = np.concatenate(([0], np.flatnonzero(ids == tok.eot_id)[:-1] + 1))
+    windows_seen = [fmt.decode(ids[a:b]) for a, b in zip(starts, np.flatnonzero(ids == tok.eot_id))]
+    # the long dialogue (6 + 8 + 8 x 3 tokens) is cut into windows of one exchange, each after the system turn
+    assert meta["chat"]["windows"] == 3 + 3
+    assert all(w[0] == Turn(SYSTEM, "简短") and w[1].role == USER for w in windows_seen)
+    system_id = tok.special_tokens[SYSTEM_TOKEN]
+    at_system = np.flatnonzero(ids == system_id)
+    assert len(at_system) == 6 and not mask[at_system[:, None] + np.arange(4)].any()  # <|system|>简短<|end|>
+    assert mask.sum() == sum(len(t.text) + 1 for w in windows_seen for t in w if t.role == BOT)
+
+
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        (
+            [{"role": "user", "content": "你好"}, {"role": "robot", "content": "x"}],
+            "unknown role 'robot' (user, assistant or system)",
+        ),
+        (
+            [{"role": "system", "content": "s"}, {"role": "assistant", "content": "你好"}],
+            "the first message (after system ones) is the assistant's: start with the user's",
+        ),
+    ],
+)
+def test_prepare_refuses_a_bad_messages_file_and_writes_nothing(tmp_path, capsys, messages, error):
+    good = {"messages": [{"role": "user", "content": q} for q, _ in QA]}
+    src = tmp_path / "chat.jsonl"
+    src.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in (good, {"messages": messages})))
+    assert main(["prepare", "--input", str(src), "--out", str(tmp_path / "data")]) == 2
+    assert capsys.readouterr().err == f"error: {src} line 2: {error}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
+
+
+def test_chat_system_flag_puts_the_system_turn_first(system_chat_run, generation_prompts, capsys):
+    flags = ["--max-new-tokens", "4", "--device", "cpu"]
+    assert (
+        main(["chat", "--run", str(system_chat_run), "--system", "你是猫", "--message", "你好", *flags]) == 0
+    )
+    fmt = ChatFormat(load_tokenizer(system_chat_run))
+    assert fmt.decode(generation_prompts[0]) == [Turn(SYSTEM, "你是猫"), Turn(USER, "你好"), Turn(BOT, "")]
+    assert capsys.readouterr().err == ""
+
+
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     """A tiny model that learned three exchanges by heart (greedy replies are predictable)."""
@@ -267,13 +385,16 @@ def test_chat_cli_scripted_session(chat_run):
         "unknown command /bogus; commands: /reset forgets the conversation, /history shows it, /quit ends",
         "拜拜",
     ]
-    unseen = smallgpt("chat", *greedy, "--message", "你好😀")
-    assert unseen.returncode == 0 and "never saw" in unseen.stderr and unseen.stdout.endswith("\n")
+    unseen = smallgpt("chat", *greedy, "--message", "你好 x")
+    assert unseen.returncode == 0 and unseen.stdout.endswith("\n")
+    # a space is shown as one, not as nothing
+    assert unseen.stderr == "note: 2 character(s) the model never saw are read as <|unk|>: ' ', 'x'\n"
 
 
 def test_chat_cli_errors(chat_run, tmp_path):
     done = smallgpt("chat", "--run", str(chat_run), "--max-new-tokens", "40", "--message", "hi")
-    assert done.returncode == 2 and done.stderr.startswith("error: max-new-tokens 40 leaves no room")
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: a reply of up to 40 tokens leaves no room for the conversation")
 
 
 def test_loss_on_picks_the_mask(chat_run, tmp_path):

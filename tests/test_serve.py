@@ -12,7 +12,9 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
+from smallgpt.chat.format import BOT, NO_SYSTEM_TURN, SYSTEM, USER, ChatFormat, Turn
 from smallgpt.cli import main
+from smallgpt.data.tokenizers import load_tokenizer
 from smallgpt.serve.models import split_at_stop
 
 SEPARATOR = "\n---------------\n"
@@ -116,16 +118,70 @@ def test_chat_replies_are_the_replies_chat_prints(server, lccc_chat_run, capsys,
     assert first  # the run learned to say something
     chat = client(server).chat.completions
     settings = {"model": lccc_chat_run.name, "temperature": 0, "max_tokens": 12}
-    messages = [{"role": "system", "content": "ignored: the format has no system turn"}]
+    messages = [{"role": "system", "content": "ignored: this run has no system turn"}]
     messages.append({"role": "user", "content": "你好"})
     done = chat.create(messages=messages, **settings)
     assert done.choices[0].message.content == first and done.choices[0].message.role == "assistant"
+    assert done.model_extra["warnings"] == [NO_SYSTEM_TURN]
     assert done.usage.completion_tokens <= 12 and done.usage.prompt_tokens == len("你好") + 4
     messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "吃了吗？"}]
     pieces = [
         c.choices[0].delta.content or "" for c in chat.create(messages=messages, stream=True, **settings)
     ]
     assert "".join(pieces) == second
+
+
+UNSEEN_NOTE = "2 character(s) the model never saw are read as <|unk|>: ' ', 'o'"
+
+
+def test_unseen_characters_get_a_reply_and_a_warning_as_in_smallgpt_chat(
+    server, lccc_chat_run, lm_run, capsys
+):
+    """The LCCC char model never saw a space or an `o`: the server reads them as <|unk|>, as the
+    chat verb does, answers the same (200, not 400), and names them once in `warnings`."""
+    greedy = ["--temperature", "0", "--max-new-tokens", "12", "--repetition-penalty", "1"]
+    capsys.readouterr()
+    assert main(["chat", "--run", str(lccc_chat_run), *greedy, "--message", "你好 o"]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"note: {UNSEEN_NOTE}\n"
+    settings = {"model": lccc_chat_run.name, "temperature": 0, "max_tokens": 12}
+    done = client(server).chat.completions.create(
+        messages=[{"role": "user", "content": "你好 o"}], **settings
+    )
+    assert done.choices[0].message.content + "\n" == out
+    assert done.model_extra["warnings"] == [UNSEEN_NOTE]
+    expected = sampled(capsys, lm_run, "ROMEO: 你", 10, "--temperature", "0")
+    greedy_text = {"model": lm_run.name, "prompt": "ROMEO: 你", "max_tokens": 10, "temperature": 0}
+    text = client(server).completions.create(**greedy_text)
+    assert text.choices[0].text == expected
+    assert text.model_extra["warnings"] == ["1 character(s) the model never saw are read as <|unk|>: '你'"]
+
+
+@pytest.fixture(scope="module")
+def system_server(tmp_path_factory, system_chat_run):
+    from conftest import ServerProcess
+
+    process = ServerProcess(tmp_path_factory.mktemp("serve") / "serve.log", "--run", str(system_chat_run))
+    yield process
+    process.close()
+    assert "Traceback" not in process.output(), process.output()
+
+
+def test_a_system_message_reaches_the_models_context(system_server, system_chat_run):
+    """The system turn is in the prompt the server gives the model: its tokens are counted, as
+    `ChatFormat.conversation_prompt` (the one chat prompt of chat, the API and the server) builds it."""
+    tokenizer = load_tokenizer(system_chat_run)
+    fmt = ChatFormat(tokenizer)
+    system, user = "你是猫", [{"role": "user", "content": "你好"}]
+    prompt, notes = fmt.conversation_prompt([Turn(SYSTEM, system), Turn(USER, "你好")], 48, 4)
+    assert fmt.decode(prompt) == [Turn(SYSTEM, system), Turn(USER, "你好"), Turn(BOT, "")] and not notes
+    chat = client(system_server).chat.completions
+    settings = {"model": system_chat_run.name, "max_tokens": 4, "seed": 1}
+    with_system = chat.create(messages=[{"role": "system", "content": system}, *user], **settings)
+    without = chat.create(messages=user, **settings)
+    assert with_system.usage.prompt_tokens == len(prompt) == 1 + (2 + 3) + (2 + 2) + 1
+    assert without.usage.prompt_tokens == len(prompt) - (2 + 3)
+    assert "warnings" not in with_system.model_extra
 
 
 def test_a_plain_run_has_no_chat_completions(server, lm_run):
@@ -221,7 +277,7 @@ def test_serve_loads_models_with_the_precision_flags(lm_run):
         assert (
             len(
                 asyncio.run(
-                    served.complete(served.encode("ROMEO:"), Sampling(max_tokens=5, temperature=0)).text()
+                    served.complete(served.encode("ROMEO:")[0], Sampling(max_tokens=5, temperature=0)).text()
                 )
             )
             == 5
@@ -243,7 +299,7 @@ def test_init_from_serves_a_transformers_folder_named_after_it(lm_run, tmp_path)
         assert list(models) == [lm_run.name, "exported"]
         assert all(isinstance(m.model.lm_head, torch.nn.Linear) for m in models.values())
         texts = [
-            asyncio.run(m.complete(m.encode("ROMEO:"), Sampling(max_tokens=20, temperature=0)).text())
+            asyncio.run(m.complete(m.encode("ROMEO:")[0], Sampling(max_tokens=20, temperature=0)).text())
             for m in models.values()
         ]
         assert texts[0] == texts[1] and len(texts[0]) == 20

@@ -43,7 +43,6 @@ def bad_requests(lm: str, chat: str) -> list[tuple[str, str, bytes, int]]:
         cases.append(("POST", "/v1/completions", encoded[:-1] + b', "temperature": ' + special + b"}", 400))
     cases += [
         ("POST", "/v1/completions", json.dumps(good | {"model": "nope"}).encode(), 404),
-        ("POST", "/v1/completions", json.dumps(good | {"prompt": "你好"}).encode(), 400),  # unseen chars
         ("POST", "/v1/completions", encoded[:-1] + b', "user": "\\ud800"}', 400),  # a lone surrogate
         ("POST", "/v1/completions", b'{"model": "' + lm.encode() + b'", "prompt": "\\udfff"}', 400),
         ("POST", "/v1/completions", json.dumps(good | {"prompt": ["a"] * 9}).encode(), 400),

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from smallgpt.errors import UserError
@@ -81,7 +82,7 @@ class Model:
             top_p=top_p,
             repetition_penalty=repetition_penalty,
         )
-        return generator.text_stream(generator.encode_prompt(prompt))
+        return generator.text_stream(generator.encode_prompt(prompt, _warn))
 
     def generate(
         self,
@@ -109,7 +110,8 @@ class Model:
 
     def score(self, text: str, stride: int | None = None) -> dict[str, float]:
         """How well the model predicts `text`, scored as `smallgpt eval` scores a document: loss
-        (nats/token), perplexity, bits_per_byte, tokens. stride: see `smallgpt eval --stride`."""
+        (nats/token), perplexity, bits_per_byte, tokens, and unknown_chars: the characters the model
+        never saw, each scored as <|unk|>. stride: see `smallgpt eval --stride`."""
         from smallgpt.evaluate import score_documents
 
         score = score_documents(self.model, self.tokenizer, [text], stride, name=self.name)
@@ -118,6 +120,7 @@ class Model:
             "perplexity": score.perplexity,
             "bits_per_byte": score.bits_per_byte,
             "tokens": score.tokens,
+            "unknown_chars": score.unknown_chars or 0,  # None: a tokenizer that encodes every text
         }
 
     def chat(
@@ -132,14 +135,16 @@ class Model:
         seed: int | None = None,
     ) -> str:
         """The reply of a chat run to OpenAI-style messages, the last one the user's:
-        [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]. System messages are
-        skipped; the most recent turns that fit next to the reply are the model's context, as in
-        `smallgpt chat`. max_new_tokens None: half the context, at most 128. A run that was not
+        [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}, {"role":
+        "assistant", ...}, ...]; content is a text or a list of {"type": "text", "text": ...} parts.
+        The system message and the most recent turns that fit next to the reply are the model's
+        context, as in `smallgpt chat`. max_new_tokens None: half the context, at most 128.
+        Characters the model never saw are read as <|unk|>, with a warning. A run that was not
         trained on chat data raises UserError."""
-        from smallgpt.chat.format import turns_from_messages
-        from smallgpt.chat.repl import ChatSession, default_reply_tokens
+        from smallgpt.chat.format import default_reply_tokens, turns_from_messages
+        from smallgpt.chat.repl import ChatSession
 
-        turns = turns_from_messages(messages)
+        conversation = turns_from_messages(messages)
         if max_new_tokens is None:
             max_new_tokens = default_reply_tokens(self.model.config.block_size)
         generator = self._sampling(
@@ -150,16 +155,17 @@ class Model:
             top_p=top_p,
             repetition_penalty=repetition_penalty,
         )
-        notes: list[str] = []
-        session = ChatSession(generator, notes.append)
-        for turn in turns[:-1]:
-            session.add_turn(turn.role, turn.text)
-        reply = session.reply(turns[-1].text, io.StringIO())
-        if reply is None:  # the message does not fit in the context: the last note says why
-            raise UserError(notes[-1].removeprefix("note: "))
-        for note in notes:  # e.g. characters the model never saw
-            warnings.warn(note.removeprefix("note: "), stacklevel=2)
-        return reply
+        return ChatSession(generator, _warn).reply_to(conversation)
+
+
+def _warn(note: str) -> None:
+    """A note for the caller (e.g. characters the model never saw), as a UserWarning at their line
+    of code: the first frame outside smallgpt."""
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("smallgpt"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(note, stacklevel=level)
 
 
 def load(

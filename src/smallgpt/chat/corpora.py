@@ -5,7 +5,9 @@ Formats (`--format` of `smallgpt prepare`; `chat` picks one per file, see `detec
              of such lists (e.g. {"train": [...], "valid": [...]}; all of them are read)
   lccc-txt   one dialogue per line, utterances separated by TAB
   lines      one utterance per line, a blank line between dialogues
-  jsonl      one {"messages": [{"role": "user" | "assistant", "content": ...}, ...]} per line
+  jsonl      one {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]} per
+             line (OpenAI's format, read by `chat.format.message_turn`); the system message is
+             kept as the dialogue's first turn; the first other message must be the user's
 LCCC text has spaces between all characters ("你 好 ！"); the lccc readers remove them
 (`join_spaced`). Utterances of the first three formats alternate user, bot, user, ...
 """
@@ -18,12 +20,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from smallgpt.chat.format import BOT, USER, Conversation, Turn, alternate
+from smallgpt.chat.format import BOT, SYSTEM, Conversation, Turn, alternate, message_turn, system_first
 from smallgpt.data.readers import read_json_lines
 from smallgpt.errors import UserError
 
 SNIFF_BYTES = 1 << 16
-JSONL_ROLES = {"user": USER, "assistant": BOT, "bot": BOT}
 
 
 def join_spaced(text: str) -> str:
@@ -97,29 +98,25 @@ def read_lccc_json(path: Path) -> Iterator[Conversation]:
 
 
 def read_jsonl(path: Path) -> Iterator[Conversation]:
-    """Chat messages; `system` messages are skipped (the chat format has no system turn)."""
+    """Chat messages, the system message first; a message with empty text is skipped."""
     for number, record in read_json_lines(path):
-        read = (_turn(m, path, number) for m in _messages(record, path, number))
-        turns = [t for t in read if t is not None and t.text]
-        if turns:
+        where = f"{path} line {number}"
+        read = (message_turn(m, where) for m in _messages(record, where))
+        turns = system_first(Turn(t.role, t.text.strip()) for t in read)
+        turns = [t for t in turns if t.text]
+        dialogue = [t for t in turns if t.role != SYSTEM]
+        if dialogue and dialogue[0].role == BOT:
+            raise UserError(
+                f"{where}: the first message (after system ones) is the assistant's: start with the user's"
+            )
+        if dialogue:
             yield turns
 
 
-def _messages(record: Any, path: Path, number: int) -> list[Any]:
+def _messages(record: Any, where: str) -> list[Any]:
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise UserError(f'{path} line {number}: expected {{"messages": [...]}}')
+        raise UserError(f'{where}: expected {{"messages": [...]}}')
     return record["messages"]
-
-
-def _turn(message: Any, path: Path, number: int) -> Turn | None:
-    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-        raise UserError(f"{path} line {number}: a message needs a string 'content'")
-    role = message.get("role")
-    if role == "system":
-        return None
-    if role not in JSONL_ROLES:
-        raise UserError(f"{path} line {number}: unknown role {role!r} (user, assistant or system)")
-    return Turn(JSONL_ROLES[role], message["content"].strip())
 
 
 READERS: dict[str, Callable[[Path], Iterator[Conversation]]] = {

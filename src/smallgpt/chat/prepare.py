@@ -5,7 +5,9 @@ documents: read the conversations once to count them and collect the char vocabu
 special tokens, then encode every dialogue and write its ids to `<split>.bin` and its loss mask
 (1 = a bot-turn target, see chat/format.py) to `<split>.mask.bin`, uint8 and aligned with the ids.
 A dialogue longer than `block_size` tokens is cut into windows of whole turns, each followed by
-end-of-text, so a window fits in one training sample.
+end-of-text, so a window fits in one training sample. System messages (JSONL) are kept: the
+tokenizer gets `<|system|>` when the dialogues have any, and every window of a dialogue starts with
+its system turn (loss mask 0), as the model sees it at chat time.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from smallgpt.chat.corpora import read_dialogues
-from smallgpt.chat.format import CHAT_TOKENS, ChatFormat, Conversation, cut_turn, join_turns, windows
+from smallgpt.chat.format import (
+    CHAT_TOKENS,
+    SYSTEM,
+    SYSTEM_TOKEN,
+    ChatFormat,
+    Conversation,
+    cut_turn,
+    join_turns,
+    windows,
+)
 from smallgpt.data.prepare import SPLITS, Counts, PrepareArgs, check_args, dataset_meta, route_by_document
 from smallgpt.data.sources import Source
 from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, save_tokenizer
@@ -38,7 +49,7 @@ def prepare_chat(args: PrepareArgs, fmt: str) -> dict[str, Any]:
     source = _chat_source(args.input or args.source)
     tok, counts = _scan(source, fmt, args.tokenizer)
     print(f"dialogues: {counts.documents:,}, characters: {counts.characters:,}")
-    print(f"vocab size: {tok.vocab_size:,} (with the chat tokens {', '.join(CHAT_TOKENS)})")
+    print(f"vocab size: {tok.vocab_size:,} (with the chat tokens {', '.join(tok.added_tokens().values())})")
 
     out = Path(args.out or Path("data") / f"{source.name}_chat_{args.tokenizer.replace(':', '')}")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
@@ -71,13 +82,16 @@ def _chat_source(path_name: str | None) -> Source:
 
 
 def _scan(source: Source, fmt: str, kind: str) -> tuple[Tokenizer, Counts]:
-    """One pass: count dialogues and characters, collect the char vocabulary; add the chat tokens."""
+    """One pass: count dialogues and characters, collect the char vocabulary; add the chat tokens
+    (`<|system|>` too when a dialogue has a system turn)."""
     counts = Counts()
+    roles: set[str] = set()
 
     def texts() -> Iterator[str]:
         for conversation in read_dialogues(source.files, fmt):
             counts.documents += 1
             for turn in conversation:
+                roles.add(turn.role)
                 counts.characters += len(turn.text)
                 counts.bytes += len(turn.text.encode("utf-8"))
                 yield turn.text
@@ -87,7 +101,7 @@ def _scan(source: Source, fmt: str, kind: str) -> tuple[Tokenizer, Counts]:
     deque(stream, maxlen=0)  # finish counting when the tokenizer needed no text (gpt2)
     if counts.documents == 0:
         raise UserError(f"input {source.origin} contains no dialogues")
-    tok.add_special_tokens(CHAT_TOKENS)
+    tok.add_special_tokens(CHAT_TOKENS + ((SYSTEM_TOKEN,) if SYSTEM in roles else ()))
     return tok, counts
 
 
@@ -131,14 +145,21 @@ def _write_splits(
 def _encode_windows(
     chat_format: ChatFormat, conversation: Conversation, block_size: int, chat: dict[str, int]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids, mask) of each window of whole turns, end-of-text included (mask 0)."""
-    roles = [t.role for t in conversation]
+    """(ids, mask) of each window of whole turns, end-of-text included (mask 0). A system turn
+    (first, see `system_first`) starts every window, cut to at most half of it."""
     turns = [chat_format.encode_turn(t.role, chat_format.encode_text(t.text)) for t in conversation]
-    chat["cut_turns"] += sum(len(ids) > block_size for ids in turns)
-    turns = [cut_turn(ids, block_size) for ids in turns]
+    roles = [t.role for t in conversation]
+    head: list[np.ndarray] = []  # the system turn, repeated in every window
+    if roles[0] == SYSTEM:
+        head, roles = [turns.pop(0)], roles[1:]
+        chat["cut_turns"] += len(head[0]) > block_size // 2
+        head = [cut_turn(head[0], block_size // 2)]
+    room = block_size - sum(len(ids) for ids in head)
+    chat["cut_turns"] += sum(len(ids) > room for ids in turns)
+    turns = [cut_turn(ids, room) for ids in turns]
     parts = []
-    for start, stop in windows([len(ids) for ids in turns], roles, block_size):
-        ids, mask = join_turns(turns[start:stop], roles[start:stop])
+    for start, stop in windows([len(ids) for ids in turns], roles, room):
+        ids, mask = join_turns([*head, *turns[start:stop]], [SYSTEM] * len(head) + roles[start:stop])
         parts.append((np.append(ids, chat_format.eot_id), np.append(mask, np.uint8(0))))
     chat["windows"] += len(parts)
     return parts

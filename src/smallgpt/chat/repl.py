@@ -1,13 +1,15 @@
 """`smallgpt chat --run DIR`: talk to a model trained on chat data (see chat/format.py).
 
-The conversation is kept as encoded turns; each reply is generated from the most recent whole turns
-that fit in the model's context next to the longest reply (block_size - max_new_tokens), and stops
-at the model's end-of-turn. Lines starting with `/` are commands: /reset, /history, /quit.
+The conversation is kept as encoded turns; each reply is generated from the system message
+(`--system`) and the most recent whole turns that fit in the model's context next to the longest
+reply (`ChatFormat.context_prompt`), and stops at the model's end-of-turn. Lines starting with `/`
+are commands: /reset, /history, /quit.
 Non-interactive: `--message TEXT` prints one reply, and lines piped on stdin are read until EOF.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,14 +17,24 @@ from typing import TextIO
 
 import numpy as np
 
-from smallgpt.chat.format import BOT, USER, ChatFormat, Turn, keep_recent
-from smallgpt.data.tokenizers import UNK
+from smallgpt.chat.format import (
+    BOT,
+    MAX_REPLY,
+    NO_SYSTEM_TURN,
+    SYSTEM,
+    USER,
+    ChatFormat,
+    Conversation,
+    Turn,
+    context_budget,
+    default_reply_tokens,
+)
+from smallgpt.data.tokenizers import Unseen
 from smallgpt.errors import UserError
-from smallgpt.generate import Generator, SamplingOptions
+from smallgpt.generate import Generator, SamplingOptions, print_note
 from smallgpt.runs import find_checkpoint
 from smallgpt.train import checkpoint
 
-MAX_REPLY = 128  # default longest reply, in tokens, when the context has room for it
 COMMANDS_HELP = "commands: /reset forgets the conversation, /history shows it, /quit ends"
 
 
@@ -30,6 +42,10 @@ COMMANDS_HELP = "commands: /reset forgets the conversation, /history shows it, /
 class ChatArgs(SamplingOptions):
     run: str = field(default="", metadata={"help": "run folder made by smallgpt train", "required": True})
     message: str | None = field(default=None, metadata={"help": "print the reply to this message and exit"})
+    system: str | None = field(
+        default=None,
+        metadata={"help": "a system message, first in the model's context all along (runs with <|system|>)"},
+    )
     max_new_tokens: int | None = field(  # type: ignore[assignment]  # chat() fills None in from the model
         default=None,
         metadata={"help": f"longest reply, in tokens (none: half the model's context, at most {MAX_REPLY})"},
@@ -40,80 +56,84 @@ class ChatArgs(SamplingOptions):
     )
 
 
-def default_reply_tokens(block_size: int) -> int:
-    """The longest reply unless asked otherwise: half the model's context, at most MAX_REPLY."""
-    return min(MAX_REPLY, block_size // 2)
-
-
 class ChatSession:
-    """A conversation with a loaded run: the turns so far, and replies generated from them."""
+    """A conversation with a loaded run: the system message, the turns so far, and replies
+    generated from them. `notice` receives what the user should know (unseen characters, a message
+    too long for the context, a system message the run has no turn for), one line each."""
 
-    def __init__(self, generator: Generator, notice: Callable[[str], None]):
+    def __init__(self, generator: Generator, notice: Callable[[str], None], system: str | None = None):
         self.generator, self.notice = generator, notice
         self.format = ChatFormat(generator.tokenizer)
-        block_size, reply = generator.model.config.block_size, generator.options.max_new_tokens
-        self.budget = block_size - reply - 2  # the prompt's end-of-text and <|bot|> marker
-        if self.budget < 8:
-            raise UserError(
-                f"max-new-tokens {reply} leaves no room for the conversation in the model's "
-                f"context of {block_size} tokens: use a smaller --max-new-tokens"
-            )
+        self.block_size = generator.model.config.block_size
+        self.reply_tokens = generator.options.max_new_tokens
+        context_budget(self.block_size, self.reply_tokens)  # a reply that leaves no room is refused now
+        self.system_text = system if system and self.format.has_system else None
+        if system and not self.format.has_system:
+            notice(NO_SYSTEM_TURN)
+        self.system = self._encode(SYSTEM, self.system_text) if self.system_text else None
         self.turns: list[tuple[Turn, np.ndarray]] = []  # every turn, with its encoded ids
 
     def reset(self) -> None:
+        """Forget the conversation (the system message stays)."""
         self.turns = []
 
     def in_context(self) -> int:
-        """Index of the oldest turn the model still sees: the context starts with a user turn, as
-        training windows do."""
-        first = keep_recent([len(ids) for _, ids in self.turns], self.budget)
-        return first + 1 if first < len(self.turns) and self.turns[first][0].role == BOT else first
+        """Index of the oldest turn the model still sees."""
+        return self.format.in_context(self.system, self._encoded(), self.block_size, self.reply_tokens)
 
     def reply(self, text: str, out: TextIO) -> str | None:
         """Stream the bot's answer to `text` to `out`, one line; None (an empty line) if the message
-        cannot be used, so piped input still gets one line per message."""
-        user = self._encode_user(text)
-        if user is None:
+        does not fit in the context, so piped input still gets one line per message."""
+        self.turns.append((Turn(USER, text), self._encode(USER, text)))
+        try:
+            prompt = self.format.context_prompt(
+                self.system, self._encoded(), self.block_size, self.reply_tokens
+            )
+        except UserError as e:
+            self.turns.pop()
+            self.notice(str(e))
             out.write("\n")
             return None
-        self.turns.append((Turn(USER, text), user))
-        context = [ids for _, ids in self.turns[self.in_context() :]]
-        reply_ids: list[int] = []
-        for piece in self.generator.text_stream(self.format.prompt(context), self.format.stop_ids, reply_ids):
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        answer = self.generator.tokenizer.decode(reply_ids)
+        answer, reply_ids = self._generate(prompt, out)
         self.turns.append((Turn(BOT, answer), self.format.encode_turn(BOT, reply_ids)))
         return answer
 
-    def add_turn(self, role: str, text: str) -> None:
-        """A past turn of the conversation (e.g. from an API call's messages), without a reply."""
-        ids = self.format.encode_text(text, unknown="replace")
-        self.turns.append((Turn(role, text), self.format.encode_turn(role, ids)))
+    def reply_to(self, conversation: Conversation) -> str:
+        """The answer to a whole conversation (the Python API's messages), this session's turns
+        aside; its notes (unseen characters, an ignored system message) go to `notice` once."""
+        prompt, notes = self.format.conversation_prompt(conversation, self.block_size, self.reply_tokens)
+        for note in notes:
+            self.notice(note)
+        return self._generate(prompt, io.StringIO())[0]
 
-    def _encode_user(self, text: str) -> np.ndarray | None:
-        tok = self.generator.tokenizer
-        ids = self.format.encode_text(text, unknown="replace")
-        unk = tok.special_tokens.get(UNK)
-        if unk is not None and unk in ids:
-            unseen = sorted({c for c in text if tok.encode(c, unknown="replace") == [unk]})
-            shown = " ".join(unseen[:10]) + (" ..." if len(unseen) > 10 else "")
-            self.notice(f"note: {len(unseen)} character(s) the model never saw are read as {UNK}: {shown}")
-        turn = self.format.encode_turn(USER, ids)
-        if len(turn) > self.budget:
-            self.notice(
-                f"note: that message is {len(turn)} tokens; at most {self.budget} fit next to a "
-                "reply: shorten it (or lower --max-new-tokens)"
-            )
-            return None
-        return turn
+    def _generate(self, prompt: list[int], out: TextIO) -> tuple[str, list[int]]:
+        """Stream the reply to `prompt` to `out` until the model's end of turn: (text, ids)."""
+        reply_ids: list[int] = []
+        for piece in self.generator.text_stream(prompt, self.format.stop_ids, reply_ids):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return self.generator.tokenizer.decode(reply_ids), reply_ids
+
+    def _encode(self, role: str, text: str) -> np.ndarray:
+        ids, unseen = self.format.encode_message(role, text)
+        self._report(unseen)
+        return ids
+
+    def _report(self, unseen: Unseen) -> None:
+        if note := unseen.note():
+            self.notice(note)
+
+    def _encoded(self) -> list[tuple[str, np.ndarray]]:
+        return [(turn.role, ids) for turn, ids in self.turns]
 
     def history(self) -> str:
         first = self.in_context()
         lines = [f"{turn.role}: {turn.text}" for turn, _ in self.turns]
         if first:
             lines.insert(first, "--- (the model no longer sees the turns above) ---")
+        if self.system_text:
+            lines.insert(0, f"system: {self.system_text}")
         return "\n".join(lines) if lines else "(no conversation yet)"
 
 
@@ -123,7 +143,7 @@ def chat(args: ChatArgs, stdin: TextIO | None = None, out: TextIO | None = None)
     if args.max_new_tokens is None:
         ckpt = find_checkpoint(args.run, args.checkpoint)
         args.max_new_tokens = default_reply_tokens(checkpoint.read_model_config(ckpt).block_size)
-    session = ChatSession(Generator(args.run, args), lambda line: print(line, file=sys.stderr))
+    session = ChatSession(Generator(args.run, args), print_note, args.system)
     if args.message is not None:
         session.reply(args.message.strip(), out)
         return

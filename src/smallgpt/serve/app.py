@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from smallgpt.chat.format import default_reply_tokens, turns_from_messages
+from smallgpt.data.tokenizers import Unseen
 from smallgpt.decode import QueueFull
 from smallgpt.errors import UserError
 from smallgpt.serve.models import Completion, Sampling, ServedModel
@@ -97,9 +99,6 @@ class Message(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatBody(Body):
@@ -189,15 +188,18 @@ def sampling(body: Body, served: ServedModel, max_tokens: int | None, default_ma
     return Sampling(max_tokens, temperature, top_p, body.top_k, penalty, seed, stop)
 
 
-def completion_prompts(body: CompletionBody, served: ServedModel) -> list[list[int]]:
-    """The prompt(s) as token ids: a text, texts, token ids, or lists of token ids."""
+def completion_prompts(body: CompletionBody, served: ServedModel, warnings: list[str]) -> list[list[int]]:
+    """The prompt(s) as token ids: a text, texts, token ids, or lists of token ids; characters the
+    model never saw are read as <|unk|> and named once in `warnings`."""
     prompt = body.prompt
     if not prompt and not isinstance(prompt, str):
         raise ApiError(400, "prompt is an empty list", "prompt")
     if isinstance(prompt, str) or isinstance(prompt[0], str):
         texts = [prompt] if isinstance(prompt, str) else prompt
         with param_errors("prompt"):
-            return [served.encode(text) for text in texts]
+            encoded = [served.encode(text) for text in texts]
+        warnings += [note] if (note := sum((u for _, u in encoded), Unseen()).note()) else []
+        return [ids for ids, _ in encoded]
     prompts = [prompt] if isinstance(prompt[0], int) else prompt
     vocab = served.model.config.vocab_size
     for ids in prompts:
@@ -407,7 +409,7 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None) -> Fa
         served = find(body.model)
         settings = sampling(body, served, body.max_tokens, default_max=min(16, served.max_tokens_limit))
         job = Job(served, chat=False)
-        job.submit(completion_prompts(body, served), settings, body.n)
+        job.submit(completion_prompts(body, served, job.warnings), settings, body.n)
         return await respond(job, body)
 
     @app.post("/v1/chat/completions")
@@ -422,12 +424,12 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None) -> Fa
                 "model",
                 "not_a_chat_model",
             )
-        default_max = min(128, served.block_size // 2)
+        default_max = default_reply_tokens(served.block_size)
         settings = sampling(body, served, body.max_completion_tokens or body.max_tokens, default_max)
-        messages = [(m.role, m.text()) for m in body.messages]
         job = Job(served, chat=True)
         with param_errors("messages"):
-            prompt = served.chat_prompt(messages, settings.max_tokens)
+            conversation = turns_from_messages([m.model_dump() for m in body.messages])
+            prompt, job.warnings = served.chat_prompt(conversation, settings.max_tokens)
         job.submit([prompt], settings, body.n)
         return await respond(job, body)
 

@@ -17,15 +17,13 @@ from pathlib import Path
 
 import torch
 
-from smallgpt.chat.format import BOT, CHAT_TOKENS, USER, ChatFormat, keep_recent
-from smallgpt.data.tokenizers import Tokenizer
+from smallgpt.chat.format import CHAT_TOKENS, ChatFormat, Conversation
+from smallgpt.data.tokenizers import Tokenizer, Unseen
 from smallgpt.decode import CANCELLED, STOP, EngineProcess, SamplingSettings, TokenStream
 from smallgpt.errors import UserError
 from smallgpt.generate import StreamDecoder
 from smallgpt.model.gpt import GPT
 from smallgpt.runs import Precision, load_source
-
-ROLES = {"user": USER, "assistant": BOT}  # OpenAI's message roles -> the chat format's turns
 
 
 @dataclass
@@ -167,9 +165,11 @@ class ServedModel:
         """The longest completion: the context less one prompt token."""
         return self.block_size - 1
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a prompt; an empty one means "a new document". UserError for unseen characters."""
-        return self.tokenizer.encode(text) or [self.tokenizer.eot_id]
+    def encode(self, text: str) -> tuple[list[int], Unseen]:
+        """Token ids of a prompt (an empty one means "a new document"), and the characters the model
+        never saw, read as <|unk|>."""
+        ids, unseen = self.tokenizer.encode_user_text(text)
+        return ids.tolist() or [self.tokenizer.eot_id], unseen
 
     def fit_prompt(self, ids: list[int], max_tokens: int) -> tuple[list[int], str | None]:
         """The prompt's last tokens that fit next to max_tokens new ones, and a note when some were cut."""
@@ -182,30 +182,15 @@ class ServedModel:
         )
         return ids[-room:], note
 
-    def chat_prompt(self, messages: Sequence[tuple[str, str]], max_tokens: int) -> list[int]:
-        """The run's turn format for (role, text) messages, ending with the bot's marker.
-
-        The most recent whole turns that fit next to the reply are kept, starting with a user turn as
-        training windows do (as `smallgpt chat` does). System messages have no turn in the format.
-        """
+    def chat_prompt(self, conversation: Conversation, max_tokens: int) -> tuple[list[int], list[str]]:
+        """The run's turn format for a conversation (`chat.format.turns_from_messages`), ending with
+        the bot's marker, as `smallgpt chat` builds it (`ChatFormat.conversation_prompt`); and the
+        notes for the response's `warnings`."""
         if self.chat is None:
             raise UserError(
                 f"model {self.name!r} was not trained on chat data (no chat tokens): use /v1/completions"
             )
-        turns = [(ROLES[role], text) for role, text in messages if role in ROLES]
-        if not turns:
-            raise UserError("messages has no user or assistant message")
-        encoded = [self.chat.encode_turn(role, self.chat.encode_text(text)) for role, text in turns]
-        budget = self.block_size - max_tokens - 2  # the prompt's end-of-text and <|bot|> marker
-        first = keep_recent([len(ids) for ids in encoded], budget)
-        if first == len(encoded):
-            raise UserError(
-                f"the last message is {len(encoded[-1])} tokens; at most {budget} fit next to a reply "
-                f"of max_tokens {max_tokens} in the model's context of {self.block_size}"
-            )
-        if turns[first][0] == BOT and first + 1 < len(turns):
-            first += 1
-        return self.chat.prompt(encoded[first:])
+        return self.chat.conversation_prompt(conversation, self.block_size, max_tokens)
 
     def stop_ids(self, chat: bool) -> tuple[int, ...]:
         return self.chat.stop_ids if chat and self.chat else (self.tokenizer.eot_id,)
