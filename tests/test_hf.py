@@ -149,6 +149,8 @@ def test_export_char_run_keeps_weights_and_says_the_tokenizer_is_smallgpt_only(t
         (dict(pos_emb="rope"), "norm='layernorm' with pos_emb=rope"),
         (dict(norm="rmsnorm"), "norm='rmsnorm' with pos_emb=learned"),
         (dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope", qk_norm=True), "qk_norm=True"),
+        (dict(mlp="relu2"), "mlp='relu2'"),
+        (dict(logit_softcap=30.0), "logit_softcap=30.0"),
     ],
 )
 def test_export_refuses_options_transformers_lacks(tmp_path, options, named, make_run):

@@ -9,6 +9,7 @@ OPTION_SETS = [
     {},
     {"norm": "rmsnorm", "mlp": "swiglu", "pos_emb": "rope", "bias": False},
     {"qk_norm": True, "pos_emb": "rope"},
+    {"mlp": "relu2", "logit_softcap": 2.0},
 ]
 
 
@@ -37,7 +38,7 @@ def test_cached_logits_equal_uncached(options):
     cache = KVCache(model.config, 1, idx.device, torch.float32)
     model(idx[:, :7], kv_cache=cache)
     step_logits = [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(7, 12)]
-    full_logits = model.lm_head(model.hidden_states(idx))[:, 7:]
+    full_logits = model.logits(model.hidden_states(idx))[:, 7:]
     torch.testing.assert_close(torch.cat(step_logits, dim=1), full_logits, atol=1e-5, rtol=1e-5)
 
 
@@ -45,7 +46,7 @@ def test_cached_logits_equal_uncached(options):
 def test_cache_slots_of_different_lengths_decode_together(options):
     model = tiny(**options)
     idx = torch.randint(0, 50, (3, 20))
-    full_logits = model.lm_head(model.hidden_states(idx))  # (3, 20, vocab)
+    full_logits = model.logits(model.hidden_states(idx))  # (3, 20, vocab)
     cache = KVCache(model.config, 4, idx.device, torch.float32)
     model(idx[:1, :9], kv_cache=cache.select([2]))  # slot 2 holds 9 positions, slot 0 holds 4
     model(idx[1:2, :4], kv_cache=cache.select([0]))
@@ -74,9 +75,38 @@ def test_gated_mlp_keeps_parameter_budget_close():
     assert abs(gated.num_params() - plain.num_params()) / plain.num_params() < 0.1
 
 
+def test_relu2_mlp_squares_the_positive_part():
+    model = tiny(mlp="relu2")
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2))
+
+
+def test_logit_softcap_bounds_the_logits():
+    capped = tiny(logit_softcap=1.0)
+    plain = tiny()  # same seed: the same weights
+    with torch.no_grad():  # large logits, to reach the cap
+        capped.lm_head.weight.mul_(20)
+        plain.lm_head.weight.mul_(20)
+    idx = torch.randint(0, 50, (2, 16))
+    raw = plain.lm_head(plain.hidden_states(idx))
+    logits, _ = capped(idx, idx)
+    assert raw.abs().max() > 2 and logits.abs().max() <= 1.0
+    torch.testing.assert_close(logits, torch.tanh(raw), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "bad",
-    [{"n_embd": 30, "n_head": 4}, {"n_layer": 0}, {"dropout": 1.5}, {"norm": "batchnorm"}, {"vocab_size": 0}],
+    [
+        {"n_embd": 30, "n_head": 4},
+        {"n_layer": 0},
+        {"dropout": 1.5},
+        {"norm": "batchnorm"},
+        {"vocab_size": 0},
+        {"mlp": "relu3"},
+        {"logit_softcap": -1.0},
+        {"logit_softcap": float("nan")},
+    ],
 )
 def test_invalid_model_config_is_user_error(bad):
     values = {"block_size": 8, "vocab_size": 10, "n_layer": 1, "n_head": 2, "n_embd": 8} | bad

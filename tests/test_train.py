@@ -48,9 +48,21 @@ def test_training_lowers_loss_and_writes_the_run(char_data, tmp_path):
     assert {"loss", "lr", "tokens_per_sec", "ms_per_iter"} <= set(events[1])
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sophiag", "muon"])
-def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, optimizer):
+@pytest.mark.parametrize(
+    ("optimizer", "options"),
+    [
+        ("adamw", []),
+        ("sophiag", []),
+        ("muon", []),
+        (
+            "muon",
+            ["--mlp=relu2", "--logit_softcap=15", "--decay_shape=wsd", "--qk_norm=true", "--pos_emb=rope"],
+        ),
+    ],
+)
+def test_resume_reproduces_the_uninterrupted_run(char_data, tmp_path, optimizer, options):
     common = [
+        *options,
         f"--optimizer={optimizer}",
         "--hessian_interval=3",  # sophiag: Hessian estimates on both sides of the interruption
         "--eval_interval=10",
@@ -149,6 +161,35 @@ def test_lr_schedule_warmup_cosine_floor():
     by_time = [lr_at(200, schedule, time_used=f) for f in (0.0, 0.5, 1.0, 3.0)]
     assert by_time == pytest.approx([1.0, 0.55, 0.1, 0.1])  # the cosine over the time budget
     assert lr_at(3, schedule, time_used=0.9) == lrs[3]  # warmup stays in iterations
+
+
+def test_lr_schedule_wsd_holds_the_peak_then_cools_down_linearly():
+    config = load_config(
+        None,
+        [
+            "--learning_rate=1.0",
+            "--min_lr=0.1",
+            "--warmup_iters=10",
+            "--lr_decay_iters=110",
+            "--decay_shape=wsd",
+            "--cooldown_frac=0.2",
+        ],
+    )
+    schedule = LRSchedule.from_optim(config.optim)
+    lrs = [lr_at(i, schedule) for i in range(200)]
+    assert [lrs[10], lrs[50], lrs[90]] == pytest.approx([1.0] * 3)  # stable until 80% of the span
+    assert lrs[100] == pytest.approx(0.55)  # halfway down the cooldown
+    assert lrs[110] == lrs[199] == pytest.approx(0.1)
+    by_time = [lr_at(200, schedule, time_used=f) for f in (0.5, 0.8, 0.9, 1.0)]
+    assert by_time == pytest.approx([1.0, 1.0, 0.55, 0.1])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("decay_shape", "linear"), ("cooldown_frac", "0"), ("cooldown_frac", "1.5")]
+)
+def test_bad_schedule_values_are_user_errors(key, value):
+    with pytest.raises(UserError, match=key):
+        load_config(None, [f"--{key}={value}", "--dataset=x"]).validate()
 
 
 def test_resume_takes_the_architecture_from_the_checkpoint_and_dropout_from_the_command_line(

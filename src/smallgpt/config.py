@@ -96,7 +96,11 @@ class OptimConfig:
     lr_decay_iters: int = 5000
     """step where the cosine reaches min_lr"""
     lr_decay_by: str = "iters"
-    """iters | seconds: the cosine ends at lr_decay_iters, or at max_seconds"""
+    """iters | seconds: the decay ends at lr_decay_iters, or at max_seconds"""
+    decay_shape: str = "cosine"
+    """cosine | wsd (warmup-stable-decay: hold the peak, then decay linearly over the last cooldown_frac)"""
+    cooldown_frac: float = 0.2
+    """wsd: the share of the decay span (after warmup) spent cooling down to min_lr"""
     min_lr: float = 6e-5
     """learning rate at the end of the decay"""
     rho: float = 0.04
@@ -176,6 +180,11 @@ class Config:
             raise UserError(f"config loss_on must be all or bot, got {self.data.loss_on!r}")
         if o.lr_decay_by not in ("iters", "seconds"):
             raise UserError(f"config lr_decay_by must be iters or seconds, got {o.lr_decay_by!r}")
+        if o.decay_shape not in DECAY_SHAPES:
+            shapes = ", ".join(DECAY_SHAPES)
+            raise UserError(f"config decay_shape must be one of {shapes}, got {o.decay_shape!r}")
+        if not 0.0 < o.cooldown_frac <= 1.0:
+            raise UserError(f"config cooldown_frac must be in (0, 1], got {o.cooldown_frac}")
         if o.lr_decay_by == "seconds" and t.max_seconds <= 0:
             raise UserError("config lr_decay_by=seconds needs a positive max_seconds (the budget)")
         if t.nan_policy not in ("stop", "skip"):
@@ -190,6 +199,7 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in fields(Config))
+DECAY_SHAPES = ("cosine", "wsd")
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -106,7 +106,7 @@ def sum_nats(model: GPT, sequences: Sequence[np.ndarray], stride: int, batch_siz
         x, y = x.to(device), y.to(device)
         hidden = model.hidden_states(x)  # (B, T, C)
         scored = y >= 0
-        logits = model.lm_head(hidden[scored]).float()  # (scored tokens, vocab): not the padding's
+        logits = model.logits(hidden[scored]).float()  # (scored tokens, vocab): not the padding's
         total += F.cross_entropy(logits, y[scored], reduction="sum").item()
         if bar is not None:
             bar.update(len(batch))

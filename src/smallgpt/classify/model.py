@@ -166,5 +166,5 @@ def next_token_loss(
     if not bool(pairs.any()):
         return hidden.new_zeros(())  # one-token texts: nothing to predict
     # the vocabulary projection is the costly part, so it runs on the text positions only
-    logits = backbone.lm_head(hidden[:, :-1][pairs])  # (N, vocab)
+    logits = backbone.logits(hidden[:, :-1][pairs])  # (N, vocab)
     return F.cross_entropy(logits.float(), idx[:, 1:][pairs])

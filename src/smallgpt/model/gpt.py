@@ -1,7 +1,8 @@
 """The GPT language model, read top to bottom: norm -> rotary -> attention -> MLP -> block -> GPT.
 
 Defaults reproduce nanoGPT's GPT-2 style model (learned positions, pre-LayerNorm, GELU MLP, tied
-embedding/head). Config options switch on RMSNorm, a gated SiLU MLP, rotary positions and QK-norm.
+embedding/head). Config options switch on RMSNorm, a gated SiLU or a squared-ReLU MLP, rotary positions,
+QK-norm and soft-capped logits.
 The key/value cache has one slot per sequence, each slot its own length, so generation (decode.py)
 pays one position of work per new token and decodes sequences of different lengths in one batch.
 """
@@ -41,7 +42,7 @@ class ModelConfig:
     norm: str = "layernorm"
     """layernorm | rmsnorm"""
     mlp: str = "gelu"
-    """gelu (GPT-2) | swiglu (gated SiLU, as Llama)"""
+    """gelu (GPT-2) | swiglu (gated SiLU, as Llama) | relu2 (squared ReLU, as modded-nanogpt)"""
     gelu_approx: str = "none"
     """none (exact GELU) | tanh (OpenAI GPT-2's approximation, for its weights)"""
     pos_emb: str = "learned"
@@ -50,6 +51,8 @@ class ModelConfig:
     """rope: base of the rotary frequencies"""
     qk_norm: bool = False
     """normalise queries and keys per head before attention"""
+    logit_softcap: float = 0.0
+    """0: off; c > 0: logits become c * tanh(logits / c), bounded in (-c, c) (Gemma 2, modded-nanogpt)"""
 
     def validate(self, vocab_known: bool = True) -> None:
         """The one place architecture values are checked. `vocab_known=False` (a training config)
@@ -66,6 +69,8 @@ class ModelConfig:
             raise UserError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.logit_softcap) and self.logit_softcap >= 0):
+            raise UserError(f"logit_softcap must be 0 (off) or positive, got {self.logit_softcap}")
         options = (("norm", NORMS), ("mlp", MLPS), ("pos_emb", POS_EMBS), ("gelu_approx", GELU_APPROX))
         for name, allowed in options:
             if getattr(self, name) not in allowed:
@@ -84,7 +89,7 @@ class ModelConfig:
 
 
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
 POS_EMBS = ("learned", "rope")
 GELU_APPROX = ("none", "tanh")
 NORM_EPS = 1e-5  # of LayerNorm and RMSNorm, as GPT-2
@@ -260,6 +265,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gated = config.mlp == "swiglu"
+        self.relu2 = config.mlp == "relu2"
         self.gelu_approx = config.gelu_approx
         hidden = config.mlp_hidden
         self.c_fc = nn.Linear(config.n_embd, hidden * (2 if self.gated else 1), bias=config.bias)
@@ -271,6 +277,8 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu2:
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate=self.gelu_approx)
         return self.dropout(self.c_proj(h))
@@ -379,6 +387,12 @@ class GPT(nn.Module):
             x = block(x, rotary, kv_cache, attn_mask)
         return self.transformer.ln_f(x)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head over final hidden states (..., n_embd) -> (..., vocab), soft-capped if configured."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -393,8 +407,8 @@ class GPT(nn.Module):
         """
         x = self.hidden_states(idx, kv_cache)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, vocab)
-        logits = self.lm_head(x)  # (B, T, vocab)
+            return self.logits(x[:, [-1], :]), None  # (B, 1, vocab)
+        logits = self.logits(x)  # (B, T, vocab)
         if loss_mask is None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:

@@ -32,8 +32,8 @@ from smallgpt.model.hub import HF_WEIGHTS, HUB_MODELS, download
 SMALLGPT_TOKENIZER = "smallgpt_tokenizer.json"  # our tokenizer, so `--init-from <exported folder>` works
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 EXPORT_NEEDS = {  # the options each architecture has; the rest of ModelConfig maps to both
-    "gpt2": {"norm": "layernorm", "mlp": "gelu", "qk_norm": False},
-    "llama": {"norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False},
+    "gpt2": {"norm": "layernorm", "mlp": "gelu", "qk_norm": False, "logit_softcap": 0.0},
+    "llama": {"norm": "rmsnorm", "mlp": "swiglu", "qk_norm": False, "logit_softcap": 0.0},
 }
 CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 UNUSED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # causal masks, rotary tables
