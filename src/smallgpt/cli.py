@@ -129,7 +129,9 @@ COMMANDS: dict[str, Verb | dict[str, Verb]] = {
         "compare",
         "train config variants on the same budget; table + loss-curve PNG",
     ),
-    "export": Verb("smallgpt.export", "ExportArgs", "export", "write a run as a transformers folder"),
+    "export": Verb(
+        "smallgpt.export", "ExportArgs", "export", "write a run as a transformers folder or a GGUF file"
+    ),
     "classify": {
         "train": Verb(
             "smallgpt.classify.train",

@@ -236,14 +236,18 @@ def open_pretrained(source: str) -> Pretrained:
 # ---- smallgpt -> Hugging Face ----------------------------------------------------------------------
 
 
-def hf_architecture(config: ModelConfig) -> str:
-    """gpt2 or llama, whichever has these options; UserError naming the option neither has."""
+def hf_architecture(config: ModelConfig, engine: str = "transformers") -> str:
+    """gpt2 or llama, whichever has these options; UserError naming the option neither has (in
+    transformers or in llama.cpp: their gpt2 and llama architectures have the same options)."""
     arch = "gpt2" if config.pos_emb == "learned" else "llama"
     for key, value in EXPORT_NEEDS[arch].items():
         if getattr(config, key) != value:
+            target = (
+                f"transformers' {ARCHITECTURES[arch]}" if engine == "transformers" else f"{engine}'s {arch}"
+            )
             raise UserError(
-                f"cannot export {key}={getattr(config, key)!r} with pos_emb={config.pos_emb}: transformers' "
-                f"{ARCHITECTURES[arch]} needs {key}={value!r}"
+                f"cannot export {key}={getattr(config, key)!r} with pos_emb={config.pos_emb}: "
+                f"{target} needs {key}={value!r}"
             )
     return arch
 
@@ -290,15 +294,22 @@ def hf_config(config: ModelConfig, arch: str, eot_id: int) -> dict[str, Any]:
     }
 
 
-def hf_weights(weights: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights (the tied head stored once) under the architecture's names and layout."""
+def with_zero_biases(
+    weights: dict[str, torch.Tensor], config: ModelConfig, arch: str
+) -> dict[str, torch.Tensor]:
+    """The weights, plus zero biases where GPT-2 (which always has biases) needs them: the same as none."""
     weights = dict(weights)
-    if arch == "gpt2" and not config.bias:  # GPT-2 always has biases; zeros are the same as none
+    if arch == "gpt2" and not config.bias:
         for key, tensor in list(weights.items()):
             if not key.endswith(("wte.weight", "wpe.weight")):
                 weights[key.removesuffix(".weight") + ".bias"] = torch.zeros(tensor.size(0))
+    return weights
+
+
+def hf_weights(weights: dict[str, torch.Tensor], config: ModelConfig, arch: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights (the tied head stored once) under the architecture's names and layout."""
     out = {}
-    for key, tensor in weights.items():
+    for key, tensor in with_zero_biases(weights, config, arch).items():
         names, transpose = hf_names(arch, key)
         for name, part in zip(names, tensor.chunk(len(names), dim=0)):
             out[name] = (part.t() if transpose else part).contiguous()

@@ -1,0 +1,77 @@
+"""`smallgpt export` refuses bad input with one line and exit 2, leaving nothing written, and never
+replaces an earlier export unless told (--overwrite), in either format."""
+
+import pytest
+
+from smallgpt import cli
+from smallgpt.data.tokenizers import CharTokenizer
+from smallgpt.model.gpt import ModelConfig
+
+pytest.importorskip("gguf", reason="the gguf writer is in the dev extra")
+
+TINY = dict(block_size=8, n_layer=1, n_head=2, n_embd=32)
+
+
+@pytest.fixture
+def run(tmp_path, make_run):
+    tokenizer = CharTokenizer("ab \n")
+    make_run(tmp_path / "run", ModelConfig(vocab_size=tokenizer.vocab_size, **TINY), tokenizer)
+    return tmp_path / "run"
+
+
+def export(run, out, *options):
+    return cli.main(["export", "--run", str(run), "--out", str(out), *options])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--format", "gguf", "--dtype", "q4_0"], "--dtype must be one of f32, f16, q8_0, got 'q4_0'"),
+        (["--format", "ggfu"], "(did you mean gguf?)"),
+    ],
+)
+def test_bad_values_are_refused_before_anything_is_written(run, tmp_path, capsys, options, named):
+    assert export(run, tmp_path / "m.gguf", *options) == 2
+    assert named in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_an_option_llama_cpp_lacks_is_named(tmp_path, make_run, capsys, fmt):
+    tokenizer = CharTokenizer("ab")
+    config = ModelConfig(vocab_size=4, norm="rmsnorm", mlp="swiglu", pos_emb="rope", qk_norm=True, **TINY)
+    make_run(tmp_path / "run", config, tokenizer)
+    assert export(tmp_path / "run", tmp_path / "out", "--format", fmt) == 2
+    engine = "llama.cpp's llama" if fmt == "gguf" else "transformers' LlamaForCausalLM"
+    assert f"cannot export qk_norm=True with pos_emb=rope: {engine} needs qk_norm=False" in one_line_error(
+        capsys
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial file or temp file
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_out_in_a_missing_folder_is_refused(run, tmp_path, capsys, fmt):
+    assert export(run, tmp_path / "nowhere" / "out", "--format", fmt) == 2
+    assert f"folder {tmp_path / 'nowhere'} does not exist" in one_line_error(capsys)
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_an_existing_export_is_replaced_only_with_overwrite(run, tmp_path, capsys, folder_hashes, fmt):
+    out = tmp_path / "out"
+    assert export(run, out, "--format", fmt) == 0
+    before = folder_hashes(tmp_path)
+    assert export(run, out, "--format", fmt, *(["--dtype", "f16"] if fmt == "gguf" else [])) == 2
+    assert "already holds an export: pass --overwrite" in one_line_error(capsys)
+    assert folder_hashes(tmp_path) == before
+    assert (
+        export(run, out, "--format", fmt, "--overwrite", *(["--dtype", "f16"] if fmt == "gguf" else [])) == 0
+    )
+    assert (folder_hashes(tmp_path) != before) == (fmt == "gguf")  # f16 is a new file; hf rewrites the same
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
