@@ -25,12 +25,16 @@ from smallgpt.runs import load_run  # noqa: E402
 
 STEPS = 32  # greedy tokens compared
 TOP = 8  # log-probs compared per step: llama.cpp's most likely ids
-# f32: llama.cpp's gpt2 computes GELU in its tanh form, through a float16 table (smallgpt: exact
-# GELU), and sums in other orders; on these runs the log-probs differ by at most ~3e-4. f16 rounds
-# every weight to 11 significant bits (relative 2.4e-4 each) and ggml multiplies in f16 too, which
-# moved them by up to ~1e-2. Each bound is about 5x the largest difference seen.
-TOLERANCE = {"f32": 2e-3, "f16": 5e-2}
-Q8_AGREEMENT = 0.9  # q8_0: steps of 32 whose top-1 is smallgpt's (measured: all 32 on every run)
+# How close llama.cpp's next-token log-probs must be to smallgpt's, by dtype and architecture.
+# Measured on these four runs, f32: 1.1e-5 on the llama architecture (float32 sums in another
+# order); 3e-4 to 1.8e-3 on gpt2's, where llama.cpp computes GELU in its tanh form through a float16
+# table (smallgpt's default is exact GELU; in tanh form smallgpt moves by up to 5e-4) and runs its
+# own LayerNorm and GELU kernels. f16 rounds each weight to 11 significant bits (relative 2.4e-4): up
+# to 1.6e-3. Each bound is 5-10x the largest seen; llama's f32 bound is tight enough to see q and k
+# rows left in smallgpt's rotary order (5.6e-4 on the tiny llama run). q8_0 (up to 2.6e-2) is held
+# to its greedy top-1 instead.
+TOLERANCE = {("f32", "llama"): 1e-4, ("f32", "gpt2"): 1e-2, ("f16", "llama"): 1e-2, ("f16", "gpt2"): 1e-2}
+Q8_AGREEMENT = 0.9  # q8_0: greedy steps whose top-1 is smallgpt's (measured: 32 of 32 on every run)
 
 
 class LlamaCpp:
@@ -137,7 +141,8 @@ def parity(run: Path, tmp_path: Path, text: str, prompt: list[int] | None = None
             )
             found["q8_0 top-1"] = agree / len(generated)
         else:
-            assert found[dtype] < TOLERANCE[dtype], f"{dtype}: log-probs differ by {found[dtype]}"
+            arch = "llama" if model.config.pos_emb == "rope" else "gpt2"
+            assert found[dtype] < TOLERANCE[dtype, arch], f"{dtype}: log-probs differ by {found[dtype]}"
     print(run.name, len(generated), found)
     return found
 
