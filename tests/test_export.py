@@ -34,6 +34,7 @@ def one_line_error(capsys) -> str:
     [
         (["--format", "gguf", "--dtype", "q4_0"], "--dtype must be one of f32, f16, q8_0, got 'q4_0'"),
         (["--format", "ggfu"], "(did you mean gguf?)"),
+        (["--format", "hf", "--dtype", "f16"], "--dtype f16 is for --format gguf"),
     ],
 )
 def test_bad_values_are_refused_before_anything_is_written(run, tmp_path, capsys, options, named):

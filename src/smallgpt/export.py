@@ -52,8 +52,9 @@ def export(args: ExportArgs) -> Path:
         close = difflib.get_close_matches(args.format, FORMATS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"export format must be {' or '.join(FORMATS)}, got {args.format!r}{hint}")
-    if args.format == "gguf":
-        gguf.check_dtype(args.dtype)
+    gguf.check_dtype(args.dtype)
+    if args.format == "hf" and args.dtype != "f32":
+        raise UserError(f"--dtype {args.dtype} is for --format gguf: a hf folder holds the float32 weights")
     out = Path(args.out)
     check_out(out, args.overwrite)
     model, tokenizer = load_run(args.run, torch.device("cpu"), args.checkpoint)
