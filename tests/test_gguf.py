@@ -179,6 +179,13 @@ def test_bpe_run_without_biases(tmp_path, shared_data):
     parity(run, tmp_path, ENGLISH + " 中文 🙂\n\n  tabs\t1234")
 
 
+def served_prompt(run: Path, messages: list[dict]) -> list[int]:
+    """The prompt smallgpt's server gives a chat run for `messages`."""
+    model, tokenizer = load_run(run, torch.device("cpu"))
+    turns = turns_from_messages(messages)
+    return ChatFormat(tokenizer).conversation_prompt(turns, model.config.block_size, reply=16)[0]
+
+
 def test_chat_run_formats_turns_as_trained(lccc_chat_run, tmp_path, shared_data):
     model, tokenizer = load_run(lccc_chat_run, torch.device("cpu"))
     first = (shared_data / "chitchat_lccc" / "toy_valid.txt").read_text(encoding="utf-8").splitlines()[0]
@@ -188,22 +195,35 @@ def test_chat_run_formats_turns_as_trained(lccc_chat_run, tmp_path, shared_data)
         {"role": "assistant", "content": said[1]},
         {"role": "user", "content": "吃了吗？"},
     ]
-    chat = ChatFormat(tokenizer)
-    turns = turns_from_messages(messages)  # the server's own conversion
-    trained = chat.prompt([chat.encode_turn(t.role, chat.encode_text(t.text)) for t in turns])
+    served = served_prompt(lccc_chat_run, messages)
     out = tmp_path / "chat.gguf"
     export(ExportArgs(run=str(lccc_chat_run), out=str(out), format="gguf"))
     with llama_cpp(out, model.config.block_size) as theirs:
         prompt = theirs.post("/apply-template", {"messages": messages})["prompt"]
-        assert theirs.tokenize(prompt, special=True) == trained
+        assert theirs.tokenize(prompt, special=True) == served
         reply = theirs.server.handle_chat_completions(
             {"messages": messages, "temperature": 0, "max_tokens": 16}
         )
-    ours = greedy(model, trained, 16, end_ids(tokenizer))
-    assert ours[-1] == chat.end_id and len(ours) > 1  # a reply, not an empty one
+    ours = greedy(model, served, 16, end_ids(tokenizer))
+    assert ours[-1] == tokenizer.special_tokens["<|end|>"] and len(ours) > 1  # a reply, not an empty one
     assert reply["choices"][0]["message"]["content"] == tokenizer.decode(ours[:-1])
     # Chinese text with an unseen character (<|unk|> in both) between seen ones
     parity(lccc_chat_run, tmp_path, said[0][:12] + "\u00e9" + said[1][:12])
+
+
+def test_system_messages_become_the_first_turn_as_in_smallgpt(system_chat_run, tmp_path):
+    messages = [
+        {"role": "system", "content": "猫"},
+        {"role": "user", "content": "你好呀"},
+        {"role": "assistant", "content": "你好"},
+        {"role": "system", "content": "狗"},  # joined to the first: the format has one system turn
+        {"role": "user", "content": "吃了吗"},
+    ]
+    out = tmp_path / "system.gguf"
+    export(ExportArgs(run=str(system_chat_run), out=str(out), format="gguf"))
+    with llama_cpp(out, 48) as theirs:
+        prompt = theirs.post("/apply-template", {"messages": messages})["prompt"]
+        assert theirs.tokenize(prompt, special=True) == served_prompt(system_chat_run, messages)
 
 
 # ---- what the file holds, and what is refused ------------------------------------------------------

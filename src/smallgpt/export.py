@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from smallgpt.chat.format import BOT_TOKEN, CHAT_TOKENS, END_TOKEN, USER_TOKEN
+from smallgpt.chat.format import BOT_TOKEN, CHAT_TOKENS, END_TOKEN, SYSTEM_TOKEN, USER_TOKEN
 from smallgpt.data.tokenizers import EOT, Tokenizer
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_dir, atomic_file, atomic_write_json, refuse_to_replace
@@ -84,29 +84,31 @@ def export(args: ExportArgs) -> Path:
     return out
 
 
-SYSTEM_TOKEN = "<|system|>"
-
-
 def chat_template(tokenizer: Tokenizer) -> tuple[str, int] | None:
     """A chat run's Jinja chat template for llama.cpp's and ollama's chat endpoints, and the id that
     ends a reply (<|end|>); None for a run without chat tokens.
 
-    It writes ChatFormat.prompt's ids: a new dialogue (<|endoftext|>), each turn as <|user|> text
-    <|end|> or <|bot|> text <|end|>, then <|bot|> for the reply. System messages are left out, as
-    smallgpt's server leaves them, unless the tokenizer has a <|system|> token for them.
+    It writes ChatFormat.prompt's ids: a new dialogue (<|endoftext|>), a run with <|system|> its
+    system messages joined by newlines as the first turn (chat/format.py's system_first), each turn
+    as <|user|> text <|end|> or <|bot|> text <|end|>, then <|bot|> for the reply. A run without
+    <|system|> has no turn for system messages: the template leaves them out, as smallgpt does.
     """
     if any(t not in tokenizer.special_tokens for t in CHAT_TOKENS):
         return None
-    markers = {"user": USER_TOKEN, "assistant": BOT_TOKEN}
+    system = ""
     if SYSTEM_TOKEN in tokenizer.special_tokens:
-        markers["system"] = SYSTEM_TOKEN
-    turn = "{{% {keyword} message['role'] == '{role}' %}}{marker}{{{{ message['content'] }}}}" + END_TOKEN
-    turns = "".join(
-        turn.format(keyword="elif" if i else "if", role=role, marker=marker)
-        for i, (role, marker) in enumerate(markers.items())
+        system = (
+            "{% set ns = namespace(system='') %}{% for message in messages %}"
+            "{% if message['role'] == 'system' and message['content'] %}"
+            "{% set ns.system = ns.system + ('\\n' if ns.system else '') + message['content'] %}"
+            "{% endif %}{% endfor %}"
+            f"{{% if ns.system %}}{SYSTEM_TOKEN}{{{{ ns.system }}}}{END_TOKEN}{{% endif %}}"
+        )
+    turns = (
+        "{% for message in messages %}"
+        f"{{% if message['role'] == 'user' %}}{USER_TOKEN}{{{{ message['content'] }}}}{END_TOKEN}"
+        f"{{% elif message['role'] == 'assistant' %}}{BOT_TOKEN}{{{{ message['content'] }}}}{END_TOKEN}"
+        "{% endif %}{% endfor %}"
     )
-    template = (
-        f"{EOT}{{% for message in messages %}}{turns}{{% endif %}}{{% endfor %}}"
-        f"{{% if add_generation_prompt %}}{BOT_TOKEN}{{% endif %}}"
-    )
-    return template, tokenizer.special_tokens[END_TOKEN]
+    generation = f"{{% if add_generation_prompt %}}{BOT_TOKEN}{{% endif %}}"
+    return EOT + system + turns + generation, tokenizer.special_tokens[END_TOKEN]
