@@ -16,7 +16,7 @@ from conftest import TINY_TRAINING  # noqa: E402
 
 from smallgpt import cli  # noqa: E402
 from smallgpt.chat.format import ChatFormat, turns_from_messages  # noqa: E402
-from smallgpt.data.tokenizers import UNK, CharTokenizer, Tokenizer  # noqa: E402
+from smallgpt.data.tokenizers import UNK, CharTokenizer, NanoGPTCharTokenizer, Tokenizer  # noqa: E402
 from smallgpt.export import ExportArgs, chat_template, export  # noqa: E402
 from smallgpt.model import gguf  # noqa: E402
 from smallgpt.model.gpt import GPT, ModelConfig  # noqa: E402
@@ -250,3 +250,14 @@ def test_char_vocabulary_spells_space_as_sentencepiece_does(tmp_path, make_run):
     assert fields["tokenizer.ggml.add_space_prefix"].contents() is False  # no leading space added
     assert fields["gpt2.context_length"].contents() == 8
     assert "tokenizer.chat_template" not in fields  # <|user|> alone is no chat format
+
+
+def test_nanogpt_vocabulary_keeps_its_ids_and_reads_unseen_characters_as_end_of_text(tmp_path, make_run):
+    tokenizer = NanoGPTCharTokenizer("\n !abc")  # nanoGPT's ids, no <|unk|>
+    make_run(
+        tmp_path / "run", ModelConfig(block_size=16, vocab_size=7, n_layer=1, n_head=1, n_embd=32), tokenizer
+    )
+    export(ExportArgs(run=str(tmp_path / "run"), out=str(tmp_path / "m.gguf"), format="gguf"))
+    with llama_cpp(tmp_path / "m.gguf", 16) as theirs:
+        assert theirs.tokenize("ab c!\n") == tokenizer.encode("ab c!\n")
+        assert theirs.tokenize("ab\u00e9") == [3, 4, tokenizer.eot_id]  # smallgpt refuses this text

@@ -140,8 +140,9 @@ def add_tokenizer(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
         writer.add_add_space_prefix(False)  # no dummy leading space before the text
         writer.add_remove_extra_whitespaces(False)
         writer.add_token_scores([0.0] * vocab_size)
-        if tokenizer.unk_id is not None:
-            writer.add_unk_token_id(tokenizer.unk_id)
+        # nanoGPT's vocabulary has no <|unk|> (smallgpt refuses its unseen characters); llama.cpp
+        # would read them as id 2, its T5 default, so they become <|endoftext|> instead
+        writer.add_unk_token_id(tokenizer.eot_id if tokenizer.unk_id is None else tokenizer.unk_id)
     else:
         raise UserError(f"cannot export a {tokenizer.kind} tokenizer to GGUF")
     tokens += [name for _, name in sorted(tokenizer.added_tokens().items())]
