@@ -10,8 +10,8 @@ learned-position model's context) in:
       written by `smallgpt export --format gguf` in f32, f16 and q8_0;
   smallgpt's DecodeEngine with the KV cache, fp32, bf16 (where the CPU has it) and int8 weights,
       eager and compiled (compile time left out).
-Both use torch's thread count. Rows run in turns, `--repeats` times; the table shows medians and the
-ratio of each row to llama.cpp's fastest.
+Both use torch's thread count (`--threads` sets it). Rows run in turns, `--repeats` times; the table
+shows medians and the ratio of each row to llama.cpp's fastest.
 """
 
 from __future__ import annotations
@@ -79,7 +79,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="for both engines (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     chars = "".join(chr(c) for c in range(32, 95))  # 63 characters: 65 ids with <|endoftext|>, <|unk|>
