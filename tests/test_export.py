@@ -43,16 +43,30 @@ def test_bad_values_are_refused_before_anything_is_written(run, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", pos_emb="rope")
+TARGETS = {  # format -> architecture -> how the refusal names it
+    "gguf": {"gpt2": "llama.cpp's gpt2", "llama": "llama.cpp's llama"},
+    "hf": {"gpt2": "transformers' GPT2LMHeadModel", "llama": "transformers' LlamaForCausalLM"},
+}
+
+
+@pytest.mark.parametrize(
+    ("options", "arch", "named"),
+    [
+        ({**LLAMA, "qk_norm": True}, "llama", "qk_norm=True with pos_emb=rope: {} needs qk_norm=False"),
+        (
+            {"logit_softcap": 30.0},
+            "gpt2",
+            "logit_softcap=30.0 with pos_emb=learned: {} needs logit_softcap=0.0",
+        ),
+        ({"mlp": "relu2"}, "gpt2", "mlp='relu2' with pos_emb=learned: {} needs mlp='gelu'"),
+    ],
+)
 @pytest.mark.parametrize("fmt", ["gguf", "hf"])
-def test_an_option_llama_cpp_lacks_is_named(tmp_path, make_run, capsys, fmt):
-    tokenizer = CharTokenizer("ab")
-    config = ModelConfig(vocab_size=4, norm="rmsnorm", mlp="swiglu", pos_emb="rope", qk_norm=True, **TINY)
-    make_run(tmp_path / "run", config, tokenizer)
+def test_an_option_llama_cpp_lacks_is_named(tmp_path, make_run, capsys, fmt, options, arch, named):
+    make_run(tmp_path / "run", ModelConfig(vocab_size=4, **TINY, **options), CharTokenizer("ab"))
     assert export(tmp_path / "run", tmp_path / "out", "--format", fmt) == 2
-    engine = "llama.cpp's llama" if fmt == "gguf" else "transformers' LlamaForCausalLM"
-    assert f"cannot export qk_norm=True with pos_emb=rope: {engine} needs qk_norm=False" in one_line_error(
-        capsys
-    )
+    assert f"cannot export {named.format(TARGETS[fmt][arch])}" in one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no partial file or temp file
 
 
