@@ -8,7 +8,9 @@ from safetensors.torch import load_file
 
 from smallgpt.classify.data import (
     ClassifyBatches,
+    Windows,
     collate,
+    collate_windows,
     encode_texts,
     label_ids,
     read_examples,
@@ -20,6 +22,7 @@ from smallgpt.classify.evaluate import (
     ensemble_probabilities,
     load_classifier,
     load_ensemble,
+    predict_logits,
     scores,
 )
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier, echo, pool
@@ -520,9 +523,14 @@ def test_grouping_by_length_cuts_padding_and_keeps_batches_mixed():
 
 def test_encoding_truncates_to_the_start_and_counts_unknown_characters():
     tokenizer = CharTokenizer("abc")
-    encoded = encode_texts(["abcabc", "ab", "aq"], tokenizer, block_size=4)
-    assert encoded.truncated == 1 and encoded.unknown_texts == 1
+    encoded = encode_texts(["abcabc", "ab", "aq"], tokenizer, Windows(size=4, stride=2))
+    assert encoded.long == 1 and encoded.unknown_texts == 1
     assert tokenizer.decode(encoded.ids[0].tolist()) == "abca"
+    assert "1 truncated to their first 4 tokens" in encoded.report("x")
+    # with more windows a long text is kept whole: its windows are cut when it is batched
+    encoded = encode_texts(["abcabcabcab", "ab"], tokenizer, Windows(size=4, stride=2, count=3))
+    assert tokenizer.decode(encoded.ids[0].tolist()) == "abcabcabcab" and encoded.gapped == 1
+    assert "1 longer than 4 tokens, read in up to 3 windows, 1 of them with gaps" in encoded.report("x")
 
 
 def test_metrics_accuracy_macro_f1_confusion():
@@ -546,3 +554,131 @@ def test_repeated_rows_across_splits_are_reported(tmp_path, capsys):
     distinct = write_csv(tmp_path / "once.csv", unique_rows)
     load_splits(ClassifyTrainArgs(data=str(distinct), text_column="review", init_from="unused"))
     assert "warning" not in capsys.readouterr().out
+
+
+# ---- long texts read in windows ----------------------------------------------------------------
+def test_windows_are_spread_from_the_start_to_the_end_at_most_stride_apart():
+    windows = Windows(size=4, stride=2, count=3)
+    assert windows.starts(3) == [0] and windows.starts(4) == [0]
+    assert windows.starts(6) == [0, 2]  # two windows cover it: 0-3 and 2-5
+    assert windows.starts(7) == [0, 2, 3]  # three windows, evenly spaced, the last ends the text
+    assert windows.starts(20) == [0, 8, 16]  # beyond the cap: still the start and the end, with gaps
+    assert Windows(size=4, stride=2).starts(20) == [0]  # one window: the first block only
+    batch = collate_windows([np.arange(1, 8), np.array([9])], windows, 0, "right", torch.device("cpu"))
+    assert batch.ids.tolist() == [[1, 2, 3, 4], [3, 4, 5, 6], [4, 5, 6, 7], [9, 0, 0, 0]]
+    assert batch.text_of.tolist() == [0, 0, 0, 1] and batch.tokens == 13
+
+
+def windowed_model(pooling="mean", padding_side="right", max_windows=4, **config):
+    torch.manual_seed(0)
+    backbone = GPT(ModelConfig(vocab_size=12, pos_emb="rope", **{**TINY, "block_size": 8}))
+    classifier = ClassifierConfig(
+        3, pooling, padding_side=padding_side, max_windows=max_windows, window_stride=4, **config
+    )
+    return GPTClassifier(backbone, classifier).eval()
+
+
+def windowed_logits(model, texts):
+    batch = collate_windows(texts, model.windows, 0, model.config.padding_side, torch.device("cpu"))
+    with torch.no_grad():
+        return model(batch.ids, batch.real, text_of=batch.text_of)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "meanmax"])
+def test_a_long_text_is_the_average_of_its_windows_and_its_end_counts(pooling):
+    model = windowed_model(pooling)
+    text = np.arange(20) % 11 + 1  # 20 tokens, block 8, stride 4: windows at 0, 4, 8, 12
+    # the head is linear, so the logits of the averaged pooled windows are the windows' mean logits
+    each = [windowed_logits(model, [text[start : start + 8]])[0] for start in (0, 4, 8, 12)]
+    torch.testing.assert_close(windowed_logits(model, [text])[0], torch.stack(each).mean(0))
+    changed_end = text.copy()
+    changed_end[-1] = 0
+    assert not torch.allclose(windowed_logits(model, [text]), windowed_logits(model, [changed_end]))
+    first_only = windowed_model(pooling, max_windows=1)  # the same weights, the first block only
+    torch.testing.assert_close(
+        windowed_logits(first_only, [text]), windowed_logits(first_only, [changed_end])
+    )
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "meanmax"])
+def test_windows_keep_padding_invisible(padding_side, pooling):
+    model = windowed_model(pooling, padding_side)
+    texts = [np.arange(19) % 11 + 1, np.array([2, 5]), np.arange(13) % 7 + 3, np.array([4, 3, 2, 1, 5])]
+    batched = windowed_logits(model, texts)
+    for row, ids in enumerate(texts):
+        torch.testing.assert_close(batched[row], windowed_logits(model, [ids])[0])
+
+
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_a_text_that_fits_one_window_reads_exactly_as_the_plain_path(mask_padding):
+    windowed = windowed_model(mask_padding=mask_padding)
+    plain = windowed_model(max_windows=1, mask_padding=mask_padding)
+    texts = [np.array([3, 4, 5, 6, 7, 8, 9, 10]), np.array([2, 5]), np.array([11, 10, 9])]
+    batch = collate_windows(texts, windowed.windows, 0, "right", torch.device("cpu"))
+    assert batch.text_of is None  # one row per text: no averaging at all
+    x, real = collate(texts, 0, "right", torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(windowed(x, real, with_lm_loss=True)[0], plain(x, real, with_lm_loss=True)[0])
+        assert torch.equal(windowed(x, real, with_lm_loss=True)[1], plain(x, real, with_lm_loss=True)[1])
+    cpu = torch.device("cpu")
+    assert torch.equal(predict_logits(windowed, texts, 2, 0, cpu), predict_logits(plain, texts, 2, 0, cpu))
+
+
+def signal_at_the_end_rows(n, seed=0):
+    """Every text opens with the same 30 characters; only its last 10 tell the class (a/b/c or
+    x/y/z), beyond the first 24-token block."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "abc" if i % 2 else "xyz"
+        rows.append((label, "abcxyz ." * 4 + "".join(rng.choice(label) for _ in range(10))))
+    return rows
+
+
+def test_train_eval_and_predict_read_every_window(tmp_path, make_backbone_run, capsys):
+    backbone_run = make_backbone_run(tmp_path / "backbone")
+    data = write_csv(tmp_path / "d.csv", signal_at_the_end_rows(160), header=("label", "text"))
+
+    def train(max_windows):
+        out = tmp_path / f"cls_{max_windows}"
+        args = quick_args(data, backbone_run, out, max_windows=max_windows, epochs=4, learning_rate=3e-3)
+        return out, train_classifier(args)["accuracy"]
+
+    windowed, accuracy = train(3)
+    assert accuracy == 1.0
+    assert "16 longer than 24 tokens, read in up to 3 windows" in capsys.readouterr().out  # test split
+    # the first block is the same for every text: the classifier can only guess one class
+    assert train(1)[1] == 0.5
+    run = ["--run", str(windowed), "--device", "cpu"]
+    assert main(["classify", "eval", *run]) == 0
+    assert json.loads((windowed / "eval.json").read_text())["accuracy"] == 1.0
+    assert main(["classify", "eval", *run, "--max-windows", "1"]) == 0  # eval's override
+    assert json.loads((windowed / "eval.json").read_text())["accuracy"] == 0.5
+    capsys.readouterr()
+    text = "abcxyz ." * 4 + "zyxzyxzyxz"
+    assert main(["classify", "predict", *run, text]) == 0
+    out = capsys.readouterr().out
+    assert "1 longer than 24 tokens, read in up to 3 windows" in out and out.splitlines()[-1].startswith(
+        "xyz\t"
+    )
+
+
+def test_bad_window_options_are_one_line_errors(trained, tmp_path, capsys):
+    backbone, data = str(trained["backbone"]), str(trained["data"])
+    out = tmp_path / "never"
+    train = ["classify", "train", "--data", data, "--text-column", "review", "--init-from", backbone]
+    train += ["--out-dir", str(out)]
+    cases = [
+        ([*train, "--max-windows", "0"], "max-windows must be at least 1, got 0"),
+        ([*train, "--window-stride", "0"], "window-stride must be at least 1, got 0"),
+        ([*train, "--window-stride", "25"], "window-stride must be in [1, 24] (the block size), got 25"),
+        ([*train, "--max-windows", "2", "--echo"], "echo reads a text twice inside one block"),
+        ([*train, "--window-stride", "25", "--adapt-iters", "2"], "window-stride must be in [1, 24]"),
+        (["classify", "eval", "--run", str(trained["run"]), "--max-windows", "-1"], "max-windows must be"),
+    ]
+    for argv, needle in cases:
+        assert main([*argv, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+    assert not out.exists()  # nothing written, not even an adapted backbone

@@ -1,7 +1,9 @@
 """Labelled text for classification: read CSV/TSV/JSONL, map labels to ids, split, encode, batch.
 
-Texts longer than the backbone's block_size keep their first block_size tokens: a review or article
-usually states its point early, and the start is what a reader sees first. Truncated texts are counted.
+A text longer than the backbone's block_size is read in windows (`Windows`): with one window (the
+default) it keeps its first block_size tokens, as a reader sees the start first; with more, windows
+of block_size tokens, evenly spaced from its start to its end, at most `stride` apart, so a long
+review's closing verdict is read too. Texts longer than one window are counted.
 """
 
 from __future__ import annotations
@@ -177,35 +179,101 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], seed: int
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
 
 
+def check_windows(count: int, stride: int | None, size: int | None = None) -> None:
+    """The one rule for --max-windows and --window-stride (size: the block, once a backbone is read)."""
+    if count < 1:
+        raise UserError(f"max-windows must be at least 1, got {count}")
+    if stride is not None and not 1 <= stride <= (size or stride):
+        bound = f"in [1, {size}] (the block size)" if size else "at least 1"
+        raise UserError(f"window-stride must be {bound}, got {stride}")
+
+
+@dataclass(frozen=True)
+class Windows:
+    """How a text is read: up to `count` windows of `size` tokens (the block), evenly spaced from its
+    start to its end and at most `stride` apart. Beyond `count` windows' reach the spacing widens,
+    so the start and the end are always read and the cost stays bounded."""
+
+    size: int
+    stride: int
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        check_windows(self.count, self.stride, self.size)
+
+    def needed(self, length: int) -> int:
+        """Windows that read every token of a text of `length` tokens, `stride` apart."""
+        return 1 + max(0, -(-(length - self.size) // self.stride))
+
+    def starts(self, length: int) -> list[int]:
+        """The first token of each window: one window (at 0) for a text that fits, or `count` = 1."""
+        n = min(self.count, self.needed(length))
+        if n == 1:
+            return [0]
+        return np.linspace(0, length - self.size, n).round().astype(int).tolist()
+
+
 @dataclass
 class Encoded:
-    """Token ids per text (at most block_size each) and what encoding had to change."""
+    """Token ids per text and what encoding had to change; with one window a text is cut to its
+    first block_size tokens, with more it is kept whole (`collate_windows` cuts its windows)."""
 
     ids: list[np.ndarray]
-    truncated: int = 0  # texts longer than block_size, cut to their first block_size tokens
+    windows: Windows
+    long: int = 0  # texts longer than one window (block_size tokens)
+    gapped: int = 0  # of those, texts longer than max-windows windows cover: read in spaced windows
     unknown_texts: int = 0  # texts with characters the char tokenizer had never seen (-> <|unk|>)
 
-    def report(self, what: str, block_size: int) -> str:
+    def report(self, what: str) -> str:
         notes = [f"{what}: {len(self.ids)} texts"]
-        if self.truncated:
-            notes.append(f"{self.truncated} truncated to their first {block_size} tokens")
+        size, count = self.windows.size, self.windows.count
+        if self.long and count == 1:
+            notes.append(f"{self.long} truncated to their first {size} tokens")
+        elif self.long:
+            notes.append(f"{self.long} longer than {size} tokens, read in up to {count} windows")
+            if self.gapped:
+                notes.append(f"{self.gapped} of them with gaps between their {count} windows")
         if self.unknown_texts:
             notes.append(f"{self.unknown_texts} with unseen characters (encoded as <|unk|>)")
         return ", ".join(notes)
 
 
-def encode_texts(texts: list[str], tokenizer: Tokenizer, block_size: int) -> Encoded:
-    ids, truncated, unknown = [], 0, 0
+def encode_texts(texts: list[str], tokenizer: Tokenizer, windows: Windows) -> Encoded:
+    ids, long, gapped, unknown = [], 0, 0, 0
     unk_id = tokenizer.special_tokens.get("<|unk|>")
     for text in texts:
         tokens = np.asarray(tokenizer.encode_to_array(text, unknown="replace"), dtype=np.int64)
         if unk_id is not None and (tokens == unk_id).any():
             unknown += 1
-        if len(tokens) > block_size:
-            truncated += 1
-            tokens = tokens[:block_size]
+        if len(tokens) > windows.size:
+            long += 1
+            gapped += windows.needed(len(tokens)) > windows.count
+            if windows.count == 1:
+                tokens = tokens[: windows.size]
         ids.append(tokens)
-    return Encoded(ids, truncated, unknown)
+    return Encoded(ids, windows, long, gapped, unknown)
+
+
+class WindowBatch(NamedTuple):
+    ids: torch.Tensor  # (W, T) one row per window, padded with end-of-text
+    real: torch.Tensor  # (W, T) True at text tokens, False at padding
+    text_of: torch.Tensor | None  # (W,) the text each window belongs to; None: one window per text
+    tokens: int  # text tokens read, padding not counted (overlaps count once per window)
+
+
+def collate_windows(
+    ids: list[np.ndarray], windows: Windows, pad_id: int, padding_side: str, device: torch.device
+) -> WindowBatch:
+    """Cut each text into its windows and pad them (`collate`); a text that fits one window is one row,
+    exactly as `collate` lays it out."""
+    rows, text_of = [], []
+    for i, tokens in enumerate(ids):
+        for start in windows.starts(len(tokens)):
+            rows.append(tokens[start : start + windows.size])
+            text_of.append(i)
+    x, real = collate(rows, pad_id, padding_side, device)
+    owners = None if len(rows) == len(ids) else torch.tensor(text_of, device=device)
+    return WindowBatch(x, real, owners, sum(len(r) for r in rows))
 
 
 def collate(
@@ -222,10 +290,11 @@ def collate(
 
 
 class ClassifyBatch(NamedTuple):
-    ids: torch.Tensor  # (B, T) token ids, padded with end-of-text
-    real: torch.Tensor  # (B, T) True at text tokens, False at padding
+    ids: torch.Tensor  # (W, T) token ids of the texts' windows, padded with end-of-text
+    real: torch.Tensor  # (W, T) True at text tokens, False at padding
     labels: torch.Tensor  # (B,) class ids
     tokens: int  # text tokens in the batch, padding not counted
+    text_of: torch.Tensor | None = None  # (W,) each window's text; None: one window per text
 
 
 class ClassifyBatches:
@@ -248,8 +317,9 @@ class ClassifyBatches:
         padding_side: str,
         device: torch.device,
         group_by_length: bool = False,
+        windows: Windows | None = None,  # None: every text fits one window (as encoded)
     ):
-        self.ids, self.labels = ids, labels
+        self.ids, self.labels, self.windows = ids, labels, windows
         self.lengths = np.array([len(x) for x in ids])
         self.batch_size, self.seed = min(batch_size, len(ids)), seed
         self.pad_id, self.padding_side, self.device = pad_id, padding_side, device
@@ -277,9 +347,13 @@ class ClassifyBatches:
             self._order = self._epoch_order()
         rows = self._order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
-        x, real = collate([self.ids[i] for i in rows], self.pad_id, self.padding_side, self.device)
+        texts = [self.ids[i] for i in rows]
         labels = torch.from_numpy(self.labels[rows]).to(self.device)
-        return ClassifyBatch(x, real, labels, int(self.lengths[rows].sum()))
+        if self.windows is None:
+            x, real = collate(texts, self.pad_id, self.padding_side, self.device)
+            return ClassifyBatch(x, real, labels, int(self.lengths[rows].sum()))
+        batch = collate_windows(texts, self.windows, self.pad_id, self.padding_side, self.device)
+        return ClassifyBatch(batch.ids, batch.real, labels, batch.tokens, batch.text_of)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

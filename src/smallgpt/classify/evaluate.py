@@ -13,7 +13,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from smallgpt.classify.data import collate, encode_texts, label_ids, load_labels, read_examples
+from smallgpt.classify.data import (
+    collate_windows,
+    encode_texts,
+    label_ids,
+    load_labels,
+    read_examples,
+)
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier
 from smallgpt.data.tokenizers import Tokenizer
 from smallgpt.device import resolve_device
@@ -57,7 +63,7 @@ def format_confusion(confusion: np.ndarray, names: list[str]) -> str:
 def predict_logits(
     model: GPTClassifier, ids: list[np.ndarray], batch_size: int, pad_id: int, device: torch.device
 ) -> torch.Tensor:
-    """Logits (N, num_classes) on the CPU, in the order of `ids`.
+    """Logits (N, num_classes) on the CPU, in the order of `ids`, each text read in the model's windows.
 
     Texts are batched by length, so batches carry little padding.
     """
@@ -67,8 +73,9 @@ def predict_logits(
     logits = torch.empty(len(ids), model.config.num_classes)
     for start in range(0, len(ids), batch_size):
         rows = order[start : start + batch_size]
-        x, real = collate([ids[i] for i in rows], pad_id, model.config.padding_side, device)
-        logits[torch.from_numpy(rows)] = model(x, real).float().cpu()
+        texts = [ids[i] for i in rows]
+        batch = collate_windows(texts, model.windows, pad_id, model.config.padding_side, device)
+        logits[torch.from_numpy(rows)] = model(batch.ids, batch.real, text_of=batch.text_of).float().cpu()
     model.train(was_training)
     return logits
 
@@ -130,11 +137,15 @@ def run_folders(run: str) -> list[str]:
 
 
 def load_ensemble(
-    run: str, device: torch.device, which: str = "best"
+    run: str, device: torch.device, which: str = "best", max_windows: int | None = None
 ) -> tuple[list[Member], list[str], dict]:
-    """The classifiers of one run or several (`A,B`), their shared class names, the first's settings."""
+    """The classifiers of one run or several (`A,B`), their shared class names, the first's settings;
+    max_windows, when given, replaces the windows each was trained to read a long text in."""
     runs = run_folders(run)
     loaded = [load_classifier(run_dir, device, which) for run_dir in runs]
+    if max_windows is not None:
+        for model, _, _, _ in loaded:
+            model.read_in(max_windows)
     _, _, names, settings = loaded[0]
     for run_dir, (_, _, other_names, _) in zip(runs[1:], loaded[1:]):
         if other_names != names:
@@ -151,7 +162,7 @@ def ensemble_probabilities(
     through its own tokenizer and block size."""
     total = torch.zeros(())
     for model, tokenizer in members:
-        ids = encode_texts(texts, tokenizer, model.backbone.config.block_size).ids
+        ids = encode_texts(texts, tokenizer, model.windows).ids
         total = total + predict_logits(model, ids, batch_size, tokenizer.eot_id, device).softmax(-1)
     return total / len(members)
 
@@ -170,6 +181,10 @@ class LoadedRunArgs:
     batch_size: int = field(default=64, metadata={"help": "texts per forward pass"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     checkpoint: str = field(default="best", metadata={"help": "which checkpoint of the run: best | last"})
+    max_windows: int | None = field(
+        default=None,
+        metadata={"help": "read a long text in up to this many windows (default: as the run was trained)"},
+    )
 
 
 @dataclass
@@ -195,7 +210,7 @@ def report(metrics: dict[str, float], confusion: np.ndarray, names: list[str], w
 
 def run_eval(args: ClassifyEvalArgs) -> dict[str, float]:
     device = resolve_device(args.device)
-    members, names, settings = load_ensemble(args.run, device, args.checkpoint)
+    members, names, settings = load_ensemble(args.run, device, args.checkpoint, args.max_windows)
     runs = run_folders(args.run)
     data = args.data or str(Path(runs[0]) / TEST_SPLIT)
     if args.data is None and not Path(data).is_file():
@@ -210,8 +225,7 @@ def run_eval(args: ClassifyEvalArgs) -> dict[str, float]:
     if examples.empty_skipped:
         print(f"{data}: skipped {examples.empty_skipped} rows with empty text")
     model, tokenizer = members[0]
-    block_size = model.backbone.config.block_size
-    print(encode_texts(examples.texts, tokenizer, block_size).report(data, block_size))
+    print(encode_texts(examples.texts, tokenizer, model.windows).report(data))
     probs = ensemble_probabilities(members, examples.texts, args.batch_size, device)
     metrics, confusion = probability_metrics(probs, label_ids(examples, names))
     what = data if len(runs) == 1 else f"{data}, ensemble of {len(runs)} runs"
@@ -243,12 +257,11 @@ def run_predict(args: ClassifyPredictArgs) -> list[str]:
     else:
         raise UserError("the text to classify is empty")
     device = resolve_device(args.device)
-    members, names, _ = load_ensemble(args.run, device, args.checkpoint)
+    members, names, _ = load_ensemble(args.run, device, args.checkpoint, args.max_windows)
     model, tokenizer = members[0]
-    block_size = model.backbone.config.block_size
-    encoded = encode_texts(texts, tokenizer, block_size)
-    if encoded.truncated or encoded.unknown_texts:
-        print(encoded.report("input", block_size))
+    encoded = encode_texts(texts, tokenizer, model.windows)
+    if encoded.long or encoded.unknown_texts:
+        print(encoded.report("input"))
     probs = ensemble_probabilities(members, texts, args.batch_size, device)
     labels = [names[i] for i in probs.argmax(-1).tolist()]
     for text, label, row in zip(texts, labels, probs.tolist()):

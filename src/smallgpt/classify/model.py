@@ -10,6 +10,10 @@ Two ways to treat padding, the seed's ablation:
 Echo (`echo_separator` set): the model reads `text SEP text` and pools over the second copy, whose
 every token has seen the whole text once; a causal model otherwise sees only what came before a
 token (the idea of Springer et al. 2024, "Repetition improves language model embeddings").
+
+Windows (`max_windows` > 1): a text longer than the block is read as several windows (rows of the
+batch, `text_of` naming each row's text); each window is pooled as a text would be, and a text's
+pooled vectors are averaged before the head, so every window counts alike whatever its length.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from smallgpt.classify.data import Windows, check_windows
 from smallgpt.errors import UserError
 from smallgpt.model.gpt import GPT
 
@@ -39,6 +44,8 @@ class ClassifierConfig:
     freeze_backbone: bool = False
     padding_side: str = "right"  # right | left
     echo_separator: int | None = None  # None: off; else read `text SEP text`, SEP this token id
+    max_windows: int = 1  # windows a long text is read in (1: its first block_size tokens)
+    window_stride: int | None = None  # tokens between window starts at most (None: half the block)
 
     def validate(self) -> None:
         if self.num_classes < 2:
@@ -49,6 +56,14 @@ class ClassifierConfig:
             raise UserError(
                 f"padding side must be one of {', '.join(PADDING_SIDES)}, got {self.padding_side!r}"
             )
+        check_windows(self.max_windows, self.window_stride)
+        if self.echo_separator is not None and self.max_windows > 1:
+            raise UserError("echo reads a text twice inside one block: it cannot be read in windows too")
+
+    def windows(self, block_size: int) -> Windows:
+        """How this classifier reads a text, for a backbone of `block_size` (checked here)."""
+        stride = max(block_size // 2, 1) if self.window_stride is None else self.window_stride
+        return Windows(block_size, stride, self.max_windows)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,17 +129,31 @@ def pool(hidden: torch.Tensor, real: torch.Tensor, pooling: str) -> torch.Tensor
     return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
 
+def average_windows(pooled: torch.Tensor, text_of: torch.Tensor) -> torch.Tensor:
+    """(W, C) pooled windows -> (B, C): the mean of each text's windows (text_of (W,) names them)."""
+    counts = torch.bincount(text_of).to(pooled.dtype).unsqueeze(-1)  # (B, 1), every text has a window
+    total = pooled.new_zeros(counts.size(0), pooled.size(1)).index_add_(0, text_of, pooled)
+    return total / counts
+
+
 class GPTClassifier(nn.Module):
     def __init__(self, backbone: GPT, config: ClassifierConfig):
         super().__init__()
         config.validate()
         self.config = config
         self.backbone = backbone
+        self.windows = config.windows(backbone.config.block_size)  # a bad stride fails here
         self.head = nn.Linear(pooled_width(backbone.config.n_embd, config.pooling), config.num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         if config.freeze_backbone:
             self.backbone.requires_grad_(False)  # the optimizer then only sees the head
+
+    def read_in(self, max_windows: int) -> None:
+        """Read long texts in up to `max_windows` windows from now on (eval and predict's override)."""
+        self.config.max_windows = max_windows
+        self.config.validate()
+        self.windows = self.config.windows(self.backbone.config.block_size)
 
     def train(self, mode: bool = True) -> GPTClassifier:
         super().train(mode)
@@ -133,12 +162,18 @@ class GPTClassifier(nn.Module):
         return self
 
     def forward(
-        self, idx: torch.Tensor, real: torch.Tensor, with_lm_loss: bool = False
+        self,
+        idx: torch.Tensor,
+        real: torch.Tensor,
+        with_lm_loss: bool = False,
+        text_of: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, num_classes) for padded ids idx (B, T); real (B, T) is True at text tokens.
 
-        with_lm_loss also returns the backbone's next-token loss over the texts, GPT-1's auxiliary
-        fine-tuning objective: it keeps the backbone a language model while it learns the labels.
+        With text_of (W,), the W rows of idx are windows and text_of names each one's text: a text's
+        pooled windows are averaged. with_lm_loss also returns the backbone's next-token loss over the
+        texts (every window's), GPT-1's auxiliary fine-tuning objective: it keeps the backbone a
+        language model while it learns the labels.
         """
         text = pooled = first = real
         if self.config.echo_separator is not None:
@@ -151,7 +186,10 @@ class GPTClassifier(nn.Module):
         attn_mask = None if bool(attend.all()) else padding_attention_mask(attend)
         with torch.no_grad() if self.config.freeze_backbone else contextlib.nullcontext():
             hidden = self.backbone.hidden_states(idx, attn_mask=attn_mask)  # (B, T, C)
-        logits = self.head(pool(hidden, pooled, self.config.pooling))
+        vectors = pool(hidden, pooled, self.config.pooling)
+        if text_of is not None:
+            vectors = average_windows(vectors, text_of)
+        logits = self.head(vectors)
         if not with_lm_loss:
             return logits
         # the repeat is a copy, easy to predict, so the next-token loss reads the first copy only

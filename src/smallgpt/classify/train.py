@@ -86,6 +86,18 @@ class ClassifyOptions:
             "tokens have seen the whole text (1.35x the fine-tuning time on the review benchmark)"
         },
     )
+    max_windows: int = field(
+        default=1,
+        metadata={
+            "help": "read a text longer than the backbone's block in up to this many windows of "
+            "block-size tokens, spread from its start to its end, their pooled vectors averaged "
+            "(1: its first block-size tokens only)"
+        },
+    )
+    window_stride: int | None = field(
+        default=None,
+        metadata={"help": "tokens between window starts at most (default: half the block size)"},
+    )
     batch_size: int = field(default=32, metadata={"help": "texts per step"})
     group_by_length: bool = field(
         default=True,
@@ -157,6 +169,15 @@ class ClassifyOptions:
             raise UserError("val-fraction and test-fraction must be in [0, 1) and leave some training data")
         if self.val_data is None and self.val_fraction == 0:
             raise UserError("training needs validation data: --val-data FILE or a positive --val-fraction")
+        # pooling, padding side and windows fail now, before an adaptation or a run is written
+        ClassifierConfig(
+            2,
+            self.pooling,
+            padding_side=self.padding_side,
+            echo_separator=0 if self.echo else None,
+            max_windows=self.max_windows,
+            window_stride=self.window_stride,
+        ).validate()
 
 
 @dataclass
@@ -178,6 +199,8 @@ class ClassifyTrainArgs(ClassifyOptions):
             self.freeze_backbone,
             self.padding_side,
             echo_separator=separator if self.echo else None,
+            max_windows=self.max_windows,
+            window_stride=self.window_stride,
         )
         config.validate()
         return config
@@ -266,8 +289,8 @@ def classification_loss(lm_loss_weight: float) -> LossFn:
 
     def loss(model: nn.Module, batch: ClassifyBatch) -> torch.Tensor:
         if lm_loss_weight == 0:
-            return F.cross_entropy(model(batch.ids, batch.real).float(), batch.labels)
-        logits, lm_loss = model(batch.ids, batch.real, with_lm_loss=True)
+            return F.cross_entropy(model(batch.ids, batch.real, text_of=batch.text_of).float(), batch.labels)
+        logits, lm_loss = model(batch.ids, batch.real, with_lm_loss=True, text_of=batch.text_of)
         return F.cross_entropy(logits.float(), batch.labels) + lm_loss_weight * lm_loss
 
     return loss
@@ -317,19 +340,19 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
     device = resolve_device(args.device)
     backbone, tokenizer = load_run(args.init_from, device)
     splits = load_splits(args)
+    classifier = args.classifier(len(splits.names), tokenizer.eot_id)
+    windows = classifier.windows(backbone.config.block_size)  # a bad stride fails before adapting
     init_from = backbone_run(args, splits, device)
     if init_from != args.init_from:
         backbone, tokenizer = load_run(init_from, device)
     if args.dropout is not None:
         backbone.set_dropout(args.dropout)
-    block_size = backbone.config.block_size
-    classifier = args.classifier(len(splits.names), tokenizer.eot_id)
     encoded = {}
     for split in ("train", "val", "test"):
         examples = getattr(splits, split)
         if examples is not None:
-            encoded[split] = encode_texts(examples.texts, tokenizer, block_size)
-            print(encoded[split].report(split, block_size))
+            encoded[split] = encode_texts(examples.texts, tokenizer, windows)
+            print(encoded[split].report(split))
     labels = {s: label_ids(getattr(splits, s), splits.names) for s in encoded}
     print(f"classes: {', '.join(splits.names)}; train counts {np.bincount(labels['train']).tolist()}")
 
@@ -346,6 +369,7 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
         args.padding_side,
         device,
         args.group_by_length,
+        windows,
     )
 
     def evaluate_val(m: nn.Module) -> dict[str, float]:
@@ -415,6 +439,7 @@ def variant_name(mask: bool, frozen: bool) -> str:
 
 def run_ablate(args: ClassifyAblateArgs) -> list[dict]:
     """Train each variant from the same pretrained run into OUT_DIR/<variant>; print a Markdown table."""
+    args.validate()
     rows = []
     shared = {f.name: getattr(args, f.name) for f in fields(ClassifyOptions)}
     if args.adapt_iters:  # one adapted backbone for every variant
