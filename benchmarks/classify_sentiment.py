@@ -406,10 +406,8 @@ def report(rows: list[dict], plain: list[dict], baselines: list[dict], splits: d
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED, help="folder of shared corpora")
-    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+def pretraining_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `pretrain` reads: the backbone's shape, budget and corpus weighting."""
     parser.add_argument(
         "--pretrain-seconds", type=float, default=1750, help="the lr decays over this budget (two threads)"
     )
@@ -430,6 +428,13 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=6)
     parser.add_argument("--n-head", type=int, default=6)
     parser.add_argument("--n-embd", type=int, default=192)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED, help="folder of shared corpora")
+    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+    pretraining_arguments(parser)
     parser.add_argument("--train-size", type=int, default=12000)
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--test-size", type=int, default=2000)

@@ -1,3 +1,4 @@
+import argparse
 import json
 import random
 
@@ -682,3 +683,48 @@ def test_bad_window_options_are_one_line_errors(trained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: {needle}") and err.count("\n") == 1, err
     assert not out.exists()  # nothing written, not even an adapted backbone
+
+
+# ---- the three-set benchmark's splits ----------------------------------------------------------
+def three_set_data(root):
+    """A tiny copy of the three review sets' layout: sentiment_zh pos/neg lines, reviews_zh CSVs;
+    one shopping review is also a sentiment_zh review (in full-width spelling), one waimai review has
+    both labels."""
+    (root / "sentiment_zh").mkdir(parents=True)
+    (root / "reviews_zh").mkdir()
+    pos = [f"好评{i}" for i in range(30)] + ["ＡＢ 很好"]
+    (root / "sentiment_zh" / "pos.txt").write_text("\n".join(pos + pos[:5]), encoding="utf-8")
+    (root / "sentiment_zh" / "neg.txt").write_text("\n".join(f"差评{i}" for i in range(30)), encoding="utf-8")
+    waimai = [("1", f"好吃{i}") for i in range(20)] + [("0", f"难吃{i}") for i in range(40)]
+    waimai += [("1", "一般般"), ("0", "一般般")]
+    write_csv(root / "reviews_zh" / "waimai_10k.csv", waimai)
+    shopping = [("书籍", "1", f"好书{i}") for i in range(40)] + [("书籍", "0", f"烂书{i}") for i in range(40)]
+    shopping += [("衣服", "1", "ab很好")]
+    write_csv(root / "reviews_zh" / "online_shopping_9_cats.csv", shopping, header=("cat", "label", "review"))
+    return root
+
+
+def test_three_set_splits_keep_every_val_and_test_text_out_of_training(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend("benchmarks")
+    import classify_three_sets as bench
+    from classify_sentiment import labelled_splits
+
+    data = three_set_data(tmp_path / "data")
+    args = argparse.Namespace(train_size=20, val_size=10, test_size=10, seed=3)
+    splits, reviews = bench.all_splits(data, args)
+    sizes = {"train": 20, "val": 10, "test": 10}
+    assert splits["sentiment_zh"] == labelled_splits(data, sizes, 3)  # the old set keeps its split
+    held_out = {bench.normalise(t) for s in splits.values() for k in ("val", "test") for _, t in s[k]}
+    assert len(held_out) == 60  # no text in two val/test splits
+    for name, rows in splits.items():
+        assert not held_out & {bench.normalise(t) for _, t in rows["train"]}, name
+        assert {label for label, _ in rows["test"]} == {"0", "1"} or name == "sentiment_zh"
+    every = {bench.normalise(t) for path in data.rglob("*.*") for t in path.read_text().splitlines()}
+    every = {t.split(",")[-1] for t in every} - {"label", "review"}  # CSV rows: their review column
+    # pre-training reads every other review once (the one given both labels left out with its set)
+    assert sorted(bench.normalise(t) for t in reviews) == sorted(every - held_out - {"一般般"})
+    # waimai keeps its 1/3 positive share; the review given both labels is in no split
+    assert sum(label == "1" for label, _ in splits["waimai_10k"]["test"]) == 3
+    assert all(t != "一般般" for s in splits["waimai_10k"].values() for _, t in s)
+    # the shopping review that sentiment_zh also holds (as ＡＢ 很好) is never a shopping val/test text
+    assert all(t != "ab很好" for k in ("val", "test") for _, t in splits["online_shopping"][k])
