@@ -7,8 +7,6 @@ from smallgpt import cli
 from smallgpt.data.tokenizers import CharTokenizer
 from smallgpt.model.gpt import ModelConfig
 
-pytest.importorskip("gguf", reason="the gguf writer is in the dev extra")
-
 TINY = dict(block_size=8, n_layer=1, n_head=2, n_embd=32)
 
 
@@ -89,4 +87,13 @@ def test_an_existing_export_is_replaced_only_with_overwrite(run, tmp_path, capsy
         export(run, out, "--format", fmt, "--overwrite", *(["--dtype", "f16"] if fmt == "gguf" else [])) == 0
     )
     assert (folder_hashes(tmp_path) != before) == (fmt == "gguf")  # f16 is a new file; hf rewrites the same
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]
+
+
+@pytest.mark.parametrize(("fmt", "named"), [("gguf", "it is a folder"), ("hf", "is not a folder")])
+def test_out_of_the_other_kind_is_refused_even_with_overwrite(run, tmp_path, capsys, fmt, named):
+    out = tmp_path / "out"
+    out.mkdir() if fmt == "gguf" else out.write_text("notes")
+    assert export(run, out, "--format", fmt, "--overwrite") == 2
+    assert named in one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]

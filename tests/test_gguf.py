@@ -7,21 +7,18 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
+import xllamacpp  # llama.cpp's CPU wheel, in the dev extra: a missing one fails here, never skips
+from conftest import TINY_TRAINING
 
-xllamacpp = pytest.importorskip("xllamacpp", reason="llama.cpp's wheel is in the dev extra")
-
-from conftest import TINY_TRAINING  # noqa: E402
-
-from smallgpt import cli  # noqa: E402
-from smallgpt.chat.format import ChatFormat, turns_from_messages  # noqa: E402
-from smallgpt.data.tokenizers import UNK, CharTokenizer, NanoGPTCharTokenizer, Tokenizer  # noqa: E402
-from smallgpt.export import ExportArgs, chat_template, export  # noqa: E402
-from smallgpt.model import gguf  # noqa: E402
-from smallgpt.model.gpt import GPT, ModelConfig  # noqa: E402
-from smallgpt.preparation import PrepareArgs, run_prepare  # noqa: E402
-from smallgpt.runs import load_run  # noqa: E402
+from smallgpt import cli
+from smallgpt.chat.format import ChatFormat, turns_from_messages
+from smallgpt.data.tokenizers import UNK, CharTokenizer, NanoGPTCharTokenizer, Tokenizer
+from smallgpt.export import ExportArgs, chat_template, export
+from smallgpt.model import gguf
+from smallgpt.model.gpt import GPT, ModelConfig
+from smallgpt.preparation import PrepareArgs, run_prepare
+from smallgpt.runs import load_run
 
 STEPS = 32  # greedy tokens compared
 TOP = 8  # log-probs compared per step: llama.cpp's most likely ids

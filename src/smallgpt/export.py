@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from smallgpt.chat.format import BOT_TOKEN, CHAT_TOKENS, END_TOKEN, SYSTEM_TOKEN, USER_TOKEN
 from smallgpt.data.tokenizers import EOT, Tokenizer
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_dir, atomic_file, atomic_write_json, refuse_to_replace
+from smallgpt.io import atomic_dir, atomic_file, atomic_write_json, check_folder_target, refuse_to_replace
 from smallgpt.model import gguf, hf
 from smallgpt.runs import load_run
 from smallgpt.train.checkpoint import model_weights
@@ -38,10 +38,15 @@ class ExportArgs:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing export at --out"})
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """The export's place: in an existing folder, and replacing an earlier export only when told."""
+def check_out(out: Path, folder: bool, overwrite: bool) -> None:
+    """The export's place: in an existing folder, of the export's kind (a folder, or a file), and
+    replacing an earlier export only when told."""
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    if folder:
+        check_folder_target(out)
+    elif out.is_dir():
+        raise UserError(f"cannot write {out}: it is a folder")
     if out.exists():
         refuse_to_replace(out, "an export", overwrite)
 
@@ -56,7 +61,7 @@ def export(args: ExportArgs) -> Path:
     if args.format == "hf" and args.dtype != "f32":
         raise UserError(f"--dtype {args.dtype} is for --format gguf: a hf folder holds the float32 weights")
     out = Path(args.out)
-    check_out(out, args.overwrite)
+    check_out(out, folder=args.format == "hf", overwrite=args.overwrite)
     model, tokenizer = load_run(args.run, torch.device("cpu"), args.checkpoint)
     if args.format == "gguf":
         with atomic_file(out) as tmp:
