@@ -199,3 +199,14 @@ def generation_prompts(monkeypatch) -> list[list[int]]:
 
     monkeypatch.setattr(DecodeEngine, "generate", recording)
     return prompts
+
+
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory, char_data) -> Path:
+    """A tiny char model trained on tiny shakespeare, the base that fine-tuning tests start from."""
+    from smallgpt.cli import main
+
+    run = tmp_path_factory.mktemp("base") / "base"
+    args = [f"--dataset={char_data}", f"--out_dir={run}", "--block_size=32", "--max_iters=20"]
+    assert main(["train", *args, "--eval_interval=10", *TINY_TRAINING]) == 0
+    return run

@@ -24,6 +24,7 @@ import yaml
 from smallgpt.errors import UserError
 from smallgpt.io import read_user_text
 from smallgpt.model.gpt import ModelConfig
+from smallgpt.model.lora import LoRAConfig
 
 
 @dataclass
@@ -39,7 +40,20 @@ class TrainConfig:
     out_dir: str = "runs/default"
     """the run folder: config.yaml, metrics.jsonl, ckpt/last, ckpt/best"""
     init_from: str = "scratch"
-    """scratch | resume (out_dir's ckpt/last) | gpt2[-medium|-large|-xl] | a Hugging Face folder"""
+    """scratch | resume (out_dir's ckpt/last) | gpt2[-medium|-large|-xl] | a Hugging Face folder | a run
+    folder to fine-tune (its ckpt/best, else ckpt/last; or name one: RUN/ckpt/last)"""
+    init_from_fingerprint: str = ""
+    """written by train: sha256 of the run checkpoint init_from started from; when set, training
+    refuses that checkpoint if it has changed since"""
+    lora_rank: int | None = None
+    """none: train every weight; N > 0: freeze them and train rank-N LoRA adapters (init_from a run)"""
+    lora_alpha: float = 16.0
+    """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_rank"""
+    lora_dropout: float = 0.0
+    """dropout on the adapters' input while training"""
+    lora_layers: str = "attn.c_attn,attn.c_proj"
+    """the Linear layers of each block that get adapters, comma-separated: attn.c_attn (q, k, v),
+    attn.c_proj (attention output), mlp.c_fc, mlp.c_proj"""
     batch_size: int = 12
     """sequences per micro-step"""
     gradient_accumulation_steps: int = 1
@@ -140,6 +154,13 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)
 
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA adapters to train, or None: a full fine-tune (or training from scratch)."""
+        t = self.train
+        if t.lora_rank is None:
+            return None
+        return LoRAConfig(t.lora_rank, t.lora_alpha, t.lora_dropout, t.lora_layers)
+
     def validate(self) -> None:
         t, o = self.train, self.optim
         positive: dict[str, float] = {
@@ -166,14 +187,21 @@ class Config:
             if value < 0:
                 raise UserError(f"config {key} must not be negative, got {value}")
         self.model.validate(vocab_known=False)
-        if t.init_from not in ("scratch", "resume"):
-            from smallgpt.model.hub import HUB_MODELS
+        from smallgpt.model.hub import HUB_MODELS
 
+        if t.init_from not in ("scratch", "resume"):
             if t.init_from not in HUB_MODELS and not Path(t.init_from).is_dir():
                 raise UserError(
-                    f"config init_from must be scratch, resume, {', '.join(HUB_MODELS)} or a Hugging Face "
-                    f"model folder, got {t.init_from!r}"
+                    f"config init_from must be scratch, resume, {', '.join(HUB_MODELS)}, a run folder or a "
+                    f"Hugging Face model folder, got {t.init_from!r}"
                 )
+        lora = self.lora()
+        if lora is not None:
+            lora.validate()
+            if t.init_from == "scratch" or t.init_from in HUB_MODELS:
+                raise UserError("LoRA (lora_rank) trains adapters on a model: set init_from to a run folder")
+            if t.parallel == "fsdp":
+                raise UserError("LoRA (lora_rank) does not support parallel=fsdp; use ddp")
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         if self.data.loss_on not in ("all", "bot"):

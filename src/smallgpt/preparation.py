@@ -44,13 +44,11 @@ def _holds_dialogues(path: Path, text_field: str) -> bool:
 def run_prepare(args: PrepareArgs) -> dict[str, Any]:
     """Prepare a dataset folder (documents or dialogues); returns its meta (also in meta.json)."""
     fmt = data_format(args)
-    if fmt != "text":
-        if args.tokenizer_from:
-            raise UserError("--tokenizer-from prepares documents; chat data builds its own tokenizer")
-        return prepare_chat(args, fmt)
-    if not args.tokenizer_from:
-        return prepare_text(args)
-    from smallgpt.runs import find_checkpoint, run_tokenizer  # imports torch: ~180 MB, only when needed
+    tokenizer = None
+    if args.tokenizer_from:
+        from smallgpt.runs import find_checkpoint, run_tokenizer  # imports torch: ~180 MB, only when needed
 
-    tokenizer = run_tokenizer(args.tokenizer_from, find_checkpoint(args.tokenizer_from, "last"))
+        tokenizer = run_tokenizer(args.tokenizer_from, find_checkpoint(args.tokenizer_from, "last"))
+    if fmt != "text":
+        return prepare_chat(args, fmt, tokenizer)
     return prepare_text(args, tokenizer)

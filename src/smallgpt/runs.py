@@ -6,6 +6,7 @@ export, serve and the Python API. It sits above train/ (it reads train's checkpo
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,12 +14,10 @@ import torch
 
 from smallgpt.data.tokenizers import Tokenizer, load_tokenizer
 from smallgpt.errors import UserError
-from smallgpt.io import resolve_dir
 from smallgpt.model.gpt import GPT
 from smallgpt.model.quantize import for_inference
 from smallgpt.train import checkpoint
-
-CHECKPOINTS = ("best", "last")
+from smallgpt.train.checkpoint import find_checkpoint
 
 
 @dataclass
@@ -33,21 +32,7 @@ class Precision:
     quantize: str = field(
         default="none",
         metadata={"help": "none | int8: int8 weights, one scale per output channel (fastest on a CPU)"},
-    )  # ckpt/best: lowest validation loss; ckpt/last: the latest evaluation
-
-
-def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
-    """`ckpt/best` (or `last`) of a run, falling back to the other one; UserError if neither exists."""
-    if which not in CHECKPOINTS:
-        raise UserError(f"checkpoint must be best or last, got {which!r}")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist")
-    for name in (which, *(c for c in CHECKPOINTS if c != which)):
-        path = resolve_dir(run_dir / "ckpt" / name)
-        if (path / checkpoint.WEIGHTS).is_file():
-            return path
-    raise UserError(f"run {run_dir} has no checkpoint yet (ckpt/last or ckpt/best): train it first")
+    )
 
 
 def run_tokenizer(run_dir: str | Path, ckpt: Path) -> Tokenizer:
@@ -73,7 +58,10 @@ def load_run(
     """
     ckpt = find_checkpoint(run_dir, which)
     tokenizer = run_tokenizer(run_dir, ckpt)
-    model = checkpoint.load_model(ckpt, device)
+    model = checkpoint.load_model(ckpt, device)  # a LoRA run's base with its adapters merged
+    tags = checkpoint.read_tags(ckpt)
+    if "base_run" in tags:  # say what was loaded: a fine-tune's weights are partly its base's
+        print(f"{run_dir}: {checkpoint.describe_origin(tags, run_dir)}", file=sys.stderr)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"checkpoint {ckpt} has fewer token ids than {run_dir}/tokenizer.json")
     return for_inference(model, dtype, quantize), tokenizer

@@ -41,13 +41,14 @@ CHAT_SUFFIXES = (".txt", ".json", ".jsonl")
 FLUSH_TOKENS = 1 << 20  # ids held per split before they are appended to the files
 
 
-def prepare_chat(args: PrepareArgs, fmt: str) -> dict[str, Any]:
-    """Prepare a chat data folder from dialogue files; returns its meta (also in meta.json)."""
+def prepare_chat(args: PrepareArgs, fmt: str, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """Prepare a chat data folder from dialogue files; returns its meta (also in meta.json).
+    `tokenizer`: a run's (--tokenizer-from), the chat tokens added if it lacks them."""
     check_args(args)
     if args.block_size < 8:
         raise UserError(f"--block-size must be at least 8 tokens, not {args.block_size}")
     source = _chat_source(args.input or args.source)
-    tok, counts = _scan(source, fmt, args.tokenizer)
+    tok, counts = _scan(source, fmt, args.tokenizer, tokenizer)
     print(f"dialogues: {counts.documents:,}, characters: {counts.characters:,}")
     print(f"vocab size: {tok.vocab_size:,} (with the chat tokens {', '.join(tok.added_tokens().values())})")
 
@@ -81,9 +82,9 @@ def _chat_source(path_name: str | None) -> Source:
     return Source(path.stem if path.is_file() else path.name, files, origin=str(path))
 
 
-def _scan(source: Source, fmt: str, kind: str) -> tuple[Tokenizer, Counts]:
-    """One pass: count dialogues and characters, collect the char vocabulary; add the chat tokens
-    (`<|system|>` too when a dialogue has a system turn)."""
+def _scan(source: Source, fmt: str, kind: str, given: Tokenizer | None) -> tuple[Tokenizer, Counts]:
+    """One pass: count dialogues and characters, collect the char vocabulary (unless `given` a run's
+    tokenizer); add the chat tokens (`<|system|>` too when a dialogue has a system turn)."""
     counts = Counts()
     roles: set[str] = set()
 
@@ -97,7 +98,7 @@ def _scan(source: Source, fmt: str, kind: str) -> tuple[Tokenizer, Counts]:
                 yield turn.text
 
     stream = texts()
-    tok = build_tokenizer(kind, stream)
+    tok = given if given is not None else build_tokenizer(kind, stream)
     deque(stream, maxlen=0)  # finish counting when the tokenizer needed no text (gpt2)
     if counts.documents == 0:
         raise UserError(f"input {source.origin} contains no dialogues")

@@ -26,6 +26,7 @@ from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_write_json, read_user_text
 from smallgpt.model.gpt import GPT
+from smallgpt.model.lora import add_lora, merge_lora
 from smallgpt.runs import find_checkpoint, run_tokenizer
 from smallgpt.train import checkpoint
 
@@ -111,10 +112,14 @@ def load_classifier(
     tags = checkpoint.read_tags(ckpt)
     if "classifier" not in tags:
         raise UserError(f"{ckpt} is not a classifier checkpoint: train one with smallgpt classify train")
-    model = GPTClassifier(
-        GPT(checkpoint.read_model_config(ckpt)), ClassifierConfig(**json.loads(tags["classifier"]))
-    )
+    lora = checkpoint.lora_config(ckpt)
+    if lora is None:
+        backbone = GPT(checkpoint.read_model_config(ckpt))
+    else:  # the adapters and head go onto the backbone run they were trained on
+        backbone = add_lora(checkpoint.load_model(checkpoint.base_checkpoint(ckpt)), lora)
+    model = GPTClassifier(backbone, ClassifierConfig(**json.loads(tags["classifier"])))
     checkpoint.load_weights(ckpt, model)
+    merge_lora(model)
     tokenizer = run_tokenizer(run_dir, ckpt)
     names = load_labels(run_dir / LABELS)
     if len(names) != model.config.num_classes:

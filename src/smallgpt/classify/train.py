@@ -44,7 +44,9 @@ from smallgpt.classify.model import ClassifierConfig, GPTClassifier
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_write_bytes, atomic_write_json, atomic_write_text, folder_lock
+from smallgpt.model.lora import LoRAConfig, add_lora
 from smallgpt.runs import load_run
+from smallgpt.train.checkpoint import base_tags, find_checkpoint
 from smallgpt.train.distributed import DistInfo
 from smallgpt.train.optim import adamw, decay_groups
 from smallgpt.train.schedule import LRSchedule
@@ -183,12 +185,32 @@ class ClassifyOptions:
 @dataclass
 class ClassifyTrainArgs(ClassifyOptions):
     freeze_backbone: bool = field(default=False, metadata={"help": "train the head only (much faster)"})
+    lora_rank: int | None = field(
+        default=None,
+        metadata={"help": "train rank-N LoRA adapters on the backbone (and the head), not all its weights"},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale: updates times alpha / rank"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA adapters' input"})
+    lora_layers: str = field(
+        default="attn.c_attn,attn.c_proj",
+        metadata={"help": "block layers with adapters: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"},
+    )
     mask_padding: bool = field(
         default=True,
         metadata={
             "help": "hide padding from attention and pooling (--no-mask-padding: the seed's 'no mask')"
         },
     )
+
+    def lora(self) -> LoRAConfig | None:
+        """The backbone's LoRA adapters, or None (every backbone weight trains, unless frozen)."""
+        if self.lora_rank is None:
+            return None
+        lora = LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_layers)
+        lora.validate()
+        if self.freeze_backbone:
+            raise UserError("--lora-rank trains adapters in the backbone: it cannot be frozen too")
+        return lora
 
     def classifier(self, num_classes: int, separator: int) -> ClassifierConfig:
         """The classifier's settings; separator: the token between a text and its echo."""
@@ -337,6 +359,7 @@ def write_run_files(args: ClassifyTrainArgs, splits: Splits, run_dir: Path, toke
 def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
     """Fine-tune, then score ckpt/best on the test split (else val); returns those metrics + seconds."""
     args.validate()
+    lora = args.lora()
     device = resolve_device(args.device)
     backbone, tokenizer = load_run(args.init_from, device)
     splits = load_splits(args)
@@ -358,6 +381,10 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
 
     settings = loop_settings(args, len(labels["train"]))
     torch.manual_seed(args.seed)
+    origin = {}
+    if lora is not None:  # checkpoints then hold the adapters and the head, the backbone stays in its run
+        add_lora(backbone, lora)
+        origin = {**base_tags(find_checkpoint(init_from), args.out_dir), "lora": lora.to_json()}
     model = GPTClassifier(backbone, classifier).to(device)
     eot = tokenizer.eot_id
     train_source = ClassifyBatches(
@@ -396,6 +423,7 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
             "tokenizer_fingerprint": tokenizer.fingerprint(),
             "classifier": json.dumps(classifier.to_dict()),
             "backbone": init_from,
+            **origin,
         },
         monitor="val_error",
         evaluate_fn=evaluate_val,

@@ -2,11 +2,17 @@
 
 A checkpoint is a folder (`ckpt/last`, `ckpt/best`) written whole through `atomic_dir`, so a kill
 at any moment leaves the previous checkpoint usable. Nothing here unpickles arbitrary objects.
+
+A run fine-tuned from another run records it in its checkpoints' tags (`base_run`, relative to its
+own folder, `base_checkpoint`, `base_fingerprint`). A LoRA run's checkpoints (tag `lora`) hold the
+trainable weights alone (adapters, a classifier's head); `load_model` rebuilds the model from the
+base run, checked against its fingerprint, plus those weights.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -17,12 +23,28 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from smallgpt.errors import TrainingDiverged, UserError
-from smallgpt.io import atomic_dir, resolve_dir
+from smallgpt.io import atomic_dir, resolve_dir, sha256_file
 from smallgpt.model.gpt import GPT, TIED_HEAD, ModelConfig
+from smallgpt.model.lora import LoRAConfig, add_lora, has_lora, is_adapter_key, merge_lora
 from smallgpt.train.distributed import is_sharded
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
+CHECKPOINTS = ("best", "last")  # ckpt/best: lowest validation loss; ckpt/last: the latest evaluation
+
+
+def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
+    """`ckpt/best` (or `last`) of a run, falling back to the other one; UserError if neither exists."""
+    if which not in CHECKPOINTS:
+        raise UserError(f"checkpoint must be best or last, got {which!r}")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    for name in (which, *(c for c in CHECKPOINTS if c != which)):
+        path = resolve_dir(run_dir / "ckpt" / name)
+        if (path / WEIGHTS).is_file():
+            return path
+    raise UserError(f"run {run_dir} has no checkpoint yet (ckpt/last or ckpt/best): train it first")
 
 
 def _is_tied(key: str) -> bool:
@@ -42,7 +64,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    state = unwrap(model).state_dict()
+    """What a checkpoint stores: every weight, or with LoRA only those that train (the base's are
+    in the base run)."""
+    model = unwrap(model)
+    if has_lora(model):
+        state = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    else:
+        state = model.state_dict()
     return {k: v.detach().contiguous().cpu() for k, v in state.items() if not _is_tied(k)}
 
 
@@ -175,7 +203,8 @@ def load_weights(ckpt_dir: str | Path, model: nn.Module) -> None:
     weights = read_weights(ckpt_dir)
     target = unwrap(model)
     missing, unexpected = target.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not _is_tied(k)]
+    adapters_only = "lora" in read_tags(ckpt_dir)  # the other weights came from the base run
+    missing = [k for k in missing if not _is_tied(k) and (is_adapter_key(k) or not adapters_only)]
     if missing or unexpected:
         raise UserError(
             f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
@@ -192,8 +221,56 @@ def load_state(ckpt_dir: str | Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is truncated or corrupted ({type(e).__name__})") from None
 
 
-def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu") -> GPT:
-    """A GPT with the checkpoint's architecture and weights, in eval mode."""
-    model = GPT(read_model_config(ckpt_dir))
+def fingerprint(ckpt_dir: str | Path) -> str:
+    """sha256 of a checkpoint's weights: what a run fine-tuned from it checks it against."""
+    return sha256_file(_checkpoint_dir(ckpt_dir) / WEIGHTS)
+
+
+def base_tags(base_ckpt: Path, run_dir: str | Path) -> dict[str, str]:
+    """The tags by which a run in `run_dir` records the checkpoint it started from."""
+    return {
+        "base_run": os.path.relpath(base_ckpt.parent.parent.resolve(), Path(run_dir).resolve()),
+        "base_checkpoint": base_ckpt.name.removesuffix(".old"),
+        "base_fingerprint": fingerprint(base_ckpt),
+    }
+
+
+def describe_origin(tags: dict[str, str], run_dir: str | Path) -> str:
+    """The base a run started from, for people: `LoRA rank 8 (...) on runs/base ckpt/best (sha256 ...)`."""
+    base = os.path.normpath(Path(run_dir) / tags["base_run"])
+    where = f"{base} ckpt/{tags['base_checkpoint']} (sha256 {tags['base_fingerprint'][:12]})"
+    if "lora" not in tags:
+        return f"fine-tuned from {where}"
+    lora = LoRAConfig.from_json(tags["lora"])
+    return f"LoRA rank {lora.rank} ({lora.layers}) on {where}"
+
+
+def base_checkpoint(ckpt_dir: str | Path) -> Path:
+    """The base run's checkpoint a LoRA checkpoint's adapters go on, as it was when they trained."""
+    tags = read_tags(ckpt_dir)
+    run_dir = resolve_dir(ckpt_dir).parent.parent
+    base = resolve_dir(Path(os.path.normpath(run_dir / tags["base_run"])) / "ckpt" / tags["base_checkpoint"])
+    if not (base / WEIGHTS).is_file():
+        raise UserError(f"{run_dir} holds LoRA adapters on {base}, which is missing: restore that run")
+    if fingerprint(base) != tags["base_fingerprint"]:
+        raise UserError(f"{run_dir} holds LoRA adapters on {base}, which has changed since: restore that run")
+    return base
+
+
+def lora_config(ckpt_dir: str | Path) -> LoRAConfig | None:
+    tags = read_tags(ckpt_dir)
+    return LoRAConfig.from_json(tags["lora"]) if "lora" in tags else None
+
+
+def load_model(ckpt_dir: str | Path, device: torch.device | str = "cpu", merge: bool = True) -> GPT:
+    """A GPT with the checkpoint's architecture and weights, in eval mode. A LoRA checkpoint's
+    adapters go onto its base run's model, folded into its weights unless `merge` is False."""
+    lora = lora_config(ckpt_dir)
+    if lora is None:
+        model = GPT(read_model_config(ckpt_dir))
+    else:
+        model = add_lora(load_model(base_checkpoint(ckpt_dir)), lora)
     load_weights(ckpt_dir, model)
+    if lora is not None and merge:
+        merge_lora(model)
     return model.to(device).eval()

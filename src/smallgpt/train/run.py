@@ -11,10 +11,12 @@ import torch
 from smallgpt.config import Config, save_config
 from smallgpt.data.loader import BatchSampler, open_dataset, open_mask, open_split
 from smallgpt.data.nanogpt import is_nanogpt_folder
-from smallgpt.data.tokenizers import Tokenizer, save_tokenizer
+from smallgpt.data.tokenizers import Tokenizer, load_tokenizer, save_tokenizer
 from smallgpt.errors import UserError
 from smallgpt.io import atomic_write_json, folder_lock, resolve_dir
 from smallgpt.model.gpt import GPT, ModelConfig
+from smallgpt.model.hub import HUB_MODELS
+from smallgpt.model.lora import LoRAConfig, add_lora
 from smallgpt.train import checkpoint
 from smallgpt.train.distributed import DistInfo, init_distributed, shutdown_distributed
 from smallgpt.train.logging import WandbRun, check_backends
@@ -146,6 +148,86 @@ def pretrained_model(config: Config, tokenizer: Tokenizer, data_dir: Path) -> GP
     return model
 
 
+def run_checkpoint(init_from: str) -> Path | None:
+    """The checkpoint of init_from=RUN (its ckpt/best, else last) or =RUN/ckpt/NAME; None where
+    init_from is not a smallgpt run (scratch, resume, GPT-2, a Hugging Face folder)."""
+    if init_from in ("scratch", "resume") or init_from in HUB_MODELS:
+        return None
+    path = Path(init_from)
+    if (path / "ckpt").is_dir():
+        return checkpoint.find_checkpoint(path, "best")
+    if path.parent.name == "ckpt" and path.name in checkpoint.CHECKPOINTS:
+        if not (resolve_dir(path) / checkpoint.WEIGHTS).is_file():
+            raise UserError(f"init_from {init_from}: that checkpoint has not been written yet")
+        return resolve_dir(path)
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"init_from {init_from} is neither a smallgpt run (no ckpt/ folder) nor a Hugging Face "
+            "model folder (no config.json)"
+        )
+    return None
+
+
+def check_run_tokenizer(base_ckpt: Path, tokenizer: Tokenizer, data_dir: Path) -> None:
+    """A fine-tune reads its data with the tokenizer its base was trained with, or with that one plus
+    special tokens appended (chat's, by `prepare --format chat --tokenizer-from`) at ids the base's
+    model already has rows for (a vocab_size padded past its tokenizer's)."""
+    base_run = base_ckpt.parent.parent
+    base = load_tokenizer(base_run / "tokenizer.json")
+    if checkpoint.read_tags(base_ckpt).get("tokenizer_fingerprint", base.fingerprint()) != base.fingerprint():
+        raise UserError(
+            f"{base_run}/tokenizer.json is not the tokenizer checkpoint {base_ckpt} was trained with"
+        )
+    added = [name for name in sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.__getitem__)]
+    base.add_special_tokens(name for name in added if name not in base.special_tokens)
+    if base.fingerprint() != tokenizer.fingerprint():
+        raise UserError(
+            f"{data_dir} was prepared with another tokenizer than run {base_run} was trained with: "
+            f"prepare the data with --tokenizer-from {base_run}"
+        )
+    rows = checkpoint.read_model_config(base_ckpt).vocab_size
+    if tokenizer.vocab_size > rows:
+        raise UserError(
+            f"{data_dir} adds special tokens at ids {rows}..{tokenizer.vocab_size - 1}, past the {rows} "
+            f"token embeddings of run {base_run}: pre-train the base with room for them (e.g. "
+            f"vocab_size={64 * -(-tokenizer.vocab_size // 64)})"
+        )
+
+
+def base_model(
+    config: Config, tokenizer: Tokenizer, data_dir: Path, run_dir: Path, resumed: Path | None
+) -> tuple[GPT | None, dict[str, str], LoRAConfig | None]:
+    """The model a run starts from, the tags recording its base run, and the LoRA adapters to put on
+    it: init_from=RUN (its weights and architecture, this run's dropout), the base of a resumed
+    LoRA run, or Hugging Face weights. None where the weights are fresh or come from `resumed`."""
+    if resumed is not None:
+        tags = checkpoint.read_tags(resumed)
+        origin = {k: v for k, v in tags.items() if k.startswith("base_")}
+        lora = checkpoint.lora_config(resumed)  # a LoRA run goes on with the adapters it has
+        if lora is None:
+            return None, origin, None
+        base = checkpoint.load_model(checkpoint.base_checkpoint(resumed))
+    else:
+        base_ckpt = run_checkpoint(config.train.init_from)
+        if base_ckpt is None:
+            return pretrained_model(config, tokenizer, data_dir), {}, None
+        check_run_tokenizer(base_ckpt, tokenizer, data_dir)
+        origin = checkpoint.base_tags(base_ckpt, run_dir)
+        pinned = config.train.init_from_fingerprint
+        if pinned and pinned != origin["base_fingerprint"]:
+            raise UserError(f"{base_ckpt} has changed since init_from_fingerprint was recorded: not using it")
+        config.train.init_from_fingerprint = origin["base_fingerprint"]
+        base, lora = checkpoint.load_model(base_ckpt), config.lora()
+    base.set_dropout(config.model.dropout)  # before the adapters: their dropout is lora_dropout
+    config.model = base.config
+    if lora is not None:
+        t = config.train  # config.yaml records the adapters the run trains (a resumed run's own)
+        t.lora_rank, t.lora_alpha, t.lora_dropout = lora.rank, lora.alpha, lora.dropout
+        t.lora_layers = lora.layers
+        origin["lora"] = lora.to_json()
+    return base, origin, lora
+
+
 def train(config: Config) -> dict[str, float]:
     """Train per `config`; returns the final evaluation metrics."""
     config.validate()
@@ -169,11 +251,14 @@ def _train(config: Config, info: DistInfo, held: contextlib.ExitStack) -> dict[s
     meta, tokenizer = open_dataset(data_dir)
     run_dir = Path(config.train.out_dir)
     ckpt = resume_checkpoint(config, run_dir, tokenizer.fingerprint())
-    pretrained = pretrained_model(config, tokenizer, data_dir)
+    base, origin, lora = base_model(config, tokenizer, data_dir, run_dir, ckpt)
     fit_vocab(config.model, tokenizer.vocab_size, data_dir)
     check_chat_windows(meta, config.model.block_size, data_dir)
     torch.manual_seed(config.train.seed + info.rank)
-    model = (pretrained if pretrained is not None else GPT(config.model)).to(info.device)
+    model = base if base is not None else GPT(config.model)
+    if lora is not None:
+        add_lora(model, lora)  # after the seed: the adapters' initial values are the run's own
+    model = model.to(info.device)
     optimizer = build_optimizer(model, config.optim, info.device.type)
     train_source, eval_sources = samplers(config, data_dir, meta, info)
     trainer = Trainer(
@@ -188,6 +273,7 @@ def _train(config: Config, info: DistInfo, held: contextlib.ExitStack) -> dict[s
         checkpoint_info={
             "tokenizer_fingerprint": tokenizer.fingerprint(),
             "dataset": str(data_dir),
+            **origin,
         },
         bytes_per_token=bytes_per_token(meta),
     )
@@ -200,6 +286,11 @@ def _train(config: Config, info: DistInfo, held: contextlib.ExitStack) -> dict[s
         atomic_write_json(run_dir / "data_meta.json", meta)
     if info.is_main:
         print(f"number of parameters: {model.num_params() / 1e6:.2f}M")
+        if origin:
+            print(checkpoint.describe_origin(origin, run_dir))
+        if lora is not None:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"trainable parameters: {trainable:,} (LoRA adapters only)")
         t = config.train
         tokens_per_iter = t.batch_size * config.model.block_size * t.gradient_accumulation_steps
         print(
