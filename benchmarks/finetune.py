@@ -19,8 +19,8 @@
    greedy replies to the same five messages.
 Prints Markdown tables; data and runs are kept in --work, and a second call reuses them.
 
-    python benchmarks/finetune.py --part memory    # ~3 min on 2 cores
-    python benchmarks/finetune.py --part quality --work /tmp/finetune   # ~15 min on 2 cores
+    python benchmarks/finetune.py --part memory    # ~3 min, one thread
+    python benchmarks/finetune.py --part quality --work /tmp/finetune   # ~15 min, one thread
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ GENERAL_TEXT = [
     "luxun/luxun_stories_essays.txt",
 ]
 MESSAGES = ["你好", "今天天气怎么样", "你喜欢吃什么", "周末有什么打算", "晚安，明天见"]
-SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=128)
+SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
 BATCH = dict(batch_size=16, eval_iters=20, device="cpu", progress=False, log_interval=50)
 
 
@@ -85,7 +85,8 @@ def memory_part(args: argparse.Namespace) -> str:
     results: dict[str, list[dict]] = {"full": [], "lora": []}
     for _ in range(args.repeats):
         for mode in results:  # alternated, so load from other processes hits both alike
-            command = [sys.executable, __file__, "--child", mode, "--batch", str(args.batch)]
+            command = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads)]
+            command += ["--batch", str(args.batch)]
             command += ["--block", str(args.block), "--steps", str(args.steps)]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[mode].append(json.loads(out.strip().splitlines()[-1]))
@@ -108,7 +109,8 @@ def memory_part(args: argparse.Namespace) -> str:
     header = ["", "trainable parameters", "optimizer state", "peak RSS", "tokens/s"]
     return (
         f"GPT-2-124M shape, batch {args.batch} x {args.block} tokens, {args.steps} steps, median of "
-        f"{args.repeats}; {machine()}; {today()}\n\n{markdown_table(header, rows)}\n\n"
+        f"{args.repeats}, {args.threads} thread(s); {machine()}; {today()}\n\n"
+        f"{markdown_table(header, rows)}\n\n"
         f"LoRA peak RSS / full: {ratio_rss:.2f}; LoRA tokens/s / full: {ratio_speed:.2f}"
     )
 
@@ -159,15 +161,15 @@ def quality_part(args: argparse.Namespace) -> str:
     base = work / "runs" / "base"
     base_seconds = train_once(
         base, dataset=str(general), vocab_size=padded, max_iters=args.pretrain,
-        lr_decay_iters=args.pretrain, eval_interval=args.pretrain // 4, **SHAPE, **schedule,
+        lr_decay_iters=args.pretrain, eval_interval=args.pretrain // 2, **SHAPE, **schedule,
     )  # fmt: skip
     chat = work / "data" / "chat"
     if not (chat / "meta.json").is_file():
         dialogues = SHARED_DATA / "chitchat_lccc" / "toy_train.txt"
-        smallgpt.prepare(dialogues, chat, format="chat", tokenizer_from=str(base), block_size=128)
+        smallgpt.prepare(dialogues, chat, format="chat", tokenizer_from=str(base), block_size=64)
     on_chat = dict(dataset=str(chat), loss_on="bot", **SHAPE)
     total = args.pretrain + args.finetune
-    every = args.finetune // 5
+    every = args.finetune // 4
     runs = {
         "(a) scratch on dialogues": train_once(
             work / "runs" / "scratch", vocab_size=padded, max_iters=total, lr_decay_iters=total,
@@ -199,8 +201,9 @@ def quality_part(args: argparse.Namespace) -> str:
     sample_rows = [[m, *(r[i] for _, r in samples)] for i, m in enumerate(MESSAGES)]
     return (
         f"{SHAPE['n_layer']} x {SHAPE['n_embd']}, block {SHAPE['block_size']}, batch "
-        f"{BATCH['batch_size']}; bpe:{args.vocab} on the general text; pre-train {args.pretrain} steps, "
-        f"fine-tune {args.finetune}; {machine()}; {today()}\n\n{markdown_table(header, rows)}\n\n"
+        f"{BATCH['batch_size']}, {args.threads} thread(s); bpe:{args.vocab} on the general text; pre-train "
+        f"{args.pretrain} steps, fine-tune {args.finetune}; {machine()}; {today()}\n\n"
+        f"{markdown_table(header, rows)}\n\n"
         f"(b) - (a): {b - a:+.4f} nats/token; (c) - (a): {c - a:+.4f}; (c) - (b): {c - b:+.4f}\n\n"
         f"Greedy replies:\n\n{markdown_table(['message', *runs], sample_rows)}"
     )
@@ -210,15 +213,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("memory", "quality"), default="memory")
     parser.add_argument("--child", choices=("full", "lora"), help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the CPU is shared)")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", default="/tmp/smallgpt_finetune")
     parser.add_argument("--vocab", type=int, default=4096, help="BPE ids of the general text's tokenizer")
-    parser.add_argument("--pretrain", type=int, default=1000, help="optimizer steps of the base")
-    parser.add_argument("--finetune", type=int, default=500, help="optimizer steps on the dialogues")
+    parser.add_argument("--pretrain", type=int, default=400, help="optimizer steps of the base")
+    parser.add_argument("--finetune", type=int, default=200, help="optimizer steps on the dialogues")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(measure(args.child, args.batch, args.block, args.steps)))
     elif args.part == "memory":
