@@ -77,15 +77,20 @@ TINY_TRAINING = [
 ]
 
 
+def train_char_run(run: Path, char_data: Path, block_size: int, max_iters: int) -> Path:
+    """A tiny char model trained on tiny shakespeare through the CLI, evaluated twice."""
+    from smallgpt.cli import main
+
+    args = [f"--dataset={char_data}", f"--out_dir={run}", f"--block_size={block_size}"]
+    iters = [f"--max_iters={max_iters}", f"--eval_interval={max_iters // 2}"]
+    assert main(["train", *args, *iters, *TINY_TRAINING]) == 0
+    return run
+
+
 @pytest.fixture(scope="session")
 def lm_run(tmp_path_factory, char_data) -> Path:
     """A tiny char model trained for a few iterations on tiny shakespeare, through the CLI."""
-    from smallgpt.cli import main
-
-    run = tmp_path_factory.mktemp("runs") / "shakespeare"
-    args = [f"--dataset={char_data}", f"--out_dir={run}", "--block_size=256", "--max_iters=40"]
-    assert main(["train", *args, "--eval_interval=20", *TINY_TRAINING]) == 0
-    return run
+    return train_char_run(tmp_path_factory.mktemp("runs") / "shakespeare", char_data, 256, 40)
 
 
 @pytest.fixture(scope="session")
@@ -204,9 +209,4 @@ def generation_prompts(monkeypatch) -> list[list[int]]:
 @pytest.fixture(scope="session")
 def base_run(tmp_path_factory, char_data) -> Path:
     """A tiny char model trained on tiny shakespeare, the base that fine-tuning tests start from."""
-    from smallgpt.cli import main
-
-    run = tmp_path_factory.mktemp("base") / "base"
-    args = [f"--dataset={char_data}", f"--out_dir={run}", "--block_size=32", "--max_iters=20"]
-    assert main(["train", *args, "--eval_interval=10", *TINY_TRAINING]) == 0
-    return run
+    return train_char_run(tmp_path_factory.mktemp("base") / "base", char_data, 32, 20)

@@ -52,7 +52,8 @@ def prepare_chat(args: PrepareArgs, fmt: str, tokenizer: Tokenizer | None = None
     print(f"dialogues: {counts.documents:,}, characters: {counts.characters:,}")
     print(f"vocab size: {tok.vocab_size:,} (with the chat tokens {', '.join(tok.added_tokens().values())})")
 
-    out = Path(args.out or Path("data") / f"{source.name}_chat_{args.tokenizer.replace(':', '')}")
+    suffix = Path(args.tokenizer_from).name if args.tokenizer_from else args.tokenizer.replace(":", "")
+    out = Path(args.out or Path("data") / f"{source.name}_chat_{suffix}")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with atomic_dir(out) as tmp:
         stats, chat = _write_splits(source, fmt, tok, counts, args, dtype, tmp)

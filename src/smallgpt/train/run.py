@@ -203,6 +203,7 @@ def base_model(
     if resumed is not None:
         tags = checkpoint.read_tags(resumed)
         origin = {k: v for k, v in tags.items() if k.startswith("base_")}
+        config.train.init_from_fingerprint = origin.get("base_fingerprint", "")  # config.yaml keeps it
         lora = checkpoint.lora_config(resumed)  # a LoRA run goes on with the adapters it has
         if lora is None:
             return None, origin, None
