@@ -157,7 +157,7 @@ def quality_part(args: argparse.Namespace) -> str:
         smallgpt.prepare(text_dir, general, tokenizer=f"bpe:{args.vocab}")
     _, tokenizer = open_dataset(general)
     padded = 64 * -(-(tokenizer.vocab_size + 8) // 64)  # room for the chat tokens
-    schedule = dict(warmup_iters=100, learning_rate=1e-3, min_lr=1e-4, dropout=0.1)
+    schedule = dict(warmup_iters=100, learning_rate=args.lr, min_lr=args.lr / 10, dropout=0.1)
     base = work / "runs" / "base"
     base_seconds = train_once(
         base, dataset=str(general), vocab_size=padded, max_iters=args.pretrain,
@@ -202,7 +202,7 @@ def quality_part(args: argparse.Namespace) -> str:
     return (
         f"{SHAPE['n_layer']} x {SHAPE['n_embd']}, block {SHAPE['block_size']}, batch "
         f"{BATCH['batch_size']}, {args.threads} thread(s); bpe:{args.vocab} on the general text; pre-train "
-        f"{args.pretrain} steps, fine-tune {args.finetune}; {machine()}; {today()}\n\n"
+        f"{args.pretrain} steps, fine-tune {args.finetune}, lr {args.lr:g}; {machine()}; {today()}\n\n"
         f"{markdown_table(header, rows)}\n\n"
         f"(b) - (a): {b - a:+.4f} nats/token; (c) - (a): {c - a:+.4f}; (c) - (b): {c - b:+.4f}\n\n"
         f"Greedy replies:\n\n{markdown_table(['message', *runs], sample_rows)}"
@@ -222,6 +222,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096, help="BPE ids of the general text's tokenizer")
     parser.add_argument("--pretrain", type=int, default=400, help="optimizer steps of the base")
     parser.add_argument("--finetune", type=int, default=200, help="optimizer steps on the dialogues")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of the base and of (a)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:

@@ -174,12 +174,8 @@ def check_run_tokenizer(base_ckpt: Path, tokenizer: Tokenizer, data_dir: Path) -
     model already has rows for (a vocab_size padded past its tokenizer's)."""
     base_run = base_ckpt.parent.parent
     base = load_tokenizer(base_run / "tokenizer.json")
-    if checkpoint.read_tags(base_ckpt).get("tokenizer_fingerprint", base.fingerprint()) != base.fingerprint():
-        raise UserError(
-            f"{base_run}/tokenizer.json is not the tokenizer checkpoint {base_ckpt} was trained with"
-        )
-    added = [name for name in sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.__getitem__)]
-    base.add_special_tokens(name for name in added if name not in base.special_tokens)
+    by_id = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.__getitem__)
+    base.add_special_tokens(name for name in by_id if name not in base.special_tokens)
     if base.fingerprint() != tokenizer.fingerprint():
         raise UserError(
             f"{data_dir} was prepared with another tokenizer than run {base_run} was trained with: "
