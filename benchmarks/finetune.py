@@ -7,20 +7,20 @@
    trainable parameters, optimizer state bytes, peak RSS (ru_maxrss) and tokens/s (median).
 2. Quality at equal compute (`--part quality`), on LCCC dialogues (../shared/data/chitchat_lccc,
    toy_train.txt; 10% of its dialogues held out) with loss on bot turns:
-   (a) from scratch on the dialogues for PRETRAIN + FINETUNE steps;
+   (a) from scratch on the dialogues for PRETRAIN + FINETUNE steps (the total compute of (b));
+   (a') from scratch on the dialogues for FINETUNE steps (the fine-tuning budget of (b));
    (b) a base pre-trained for PRETRAIN steps on general Chinese text (THUCNews, 西游记, Wikipedia
-       sentences, Lu Xun), then a full fine-tune of FINETUNE steps on the dialogues;
-   (c) the same base, then LoRA rank 8 for FINETUNE steps.
-   Every run has the same shape and batch, so (a) and (b) spend the same optimizer steps; the
-   table gives each one's wall-clock too. The tokenizer is a byte-level BPE trained on the general
-   text (so every dialogue character encodes), the chat data takes it from the base run
-   (`prepare --format chat --tokenizer-from`), and the base leaves room for the chat tokens
-   (vocab_size padded to a multiple of 64). Reported: the best bot-turn val loss (ckpt/best) and
-   greedy replies to the same five messages.
+       sentences, Lu Xun), then a full fine-tune of FINETUNE steps on the dialogues (--lr);
+   (c) the same base, then LoRA rank 8 on every Linear of the blocks for FINETUNE steps (--lora-lr).
+   Every run has the same shape and batch; the table gives each one's wall-clock too. The
+   tokenizer is a byte-level BPE trained on the general text (so every dialogue character
+   encodes), the chat data takes it from the base run (`prepare --format chat --tokenizer-from`),
+   and the base leaves room for the chat tokens (vocab_size padded to a multiple of 64).
+   Reported: the best bot-turn val loss (ckpt/best) and greedy replies to the same five messages.
 Prints Markdown tables; data and runs are kept in --work, and a second call reuses them.
 
     python benchmarks/finetune.py --part memory    # ~3 min, one thread
-    python benchmarks/finetune.py --part quality --work /tmp/finetune   # ~15 min, one thread
+    python benchmarks/finetune.py --part quality --work /tmp/finetune   # ~25 min, one thread
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 from common import SHARED_DATA, machine, markdown_table, today
+
+from smallgpt.model.lora import LORA_LAYERS
 
 GENERAL_TEXT = [
     "chinese_news/cnews.sample1000.txt",
@@ -136,9 +138,10 @@ def replies(run: Path) -> list[str]:
     import smallgpt
 
     model = smallgpt.load(run, device="cpu")
-    return [
+    texts = [
         model.chat([{"role": "user", "content": m}], max_new_tokens=40, temperature=0.0) for m in MESSAGES
     ]
+    return [text.strip().replace("\n", " ⏎ ").replace("|", "\\|") or "(empty)" for text in texts]
 
 
 def quality_part(args: argparse.Namespace) -> str:
@@ -170,33 +173,35 @@ def quality_part(args: argparse.Namespace) -> str:
     on_chat = dict(dataset=str(chat), loss_on="bot", **SHAPE)
     total = args.pretrain + args.finetune
     every = args.finetune // 4
+    fine = dict(max_iters=args.finetune, lr_decay_iters=args.finetune, eval_interval=every, warmup_iters=50)
     runs = {
-        "(a) scratch on dialogues": train_once(
+        "(a) scratch, pre-train + fine-tune steps": train_once(
             work / "runs" / "scratch", vocab_size=padded, max_iters=total, lr_decay_iters=total,
             eval_interval=every, **on_chat, **schedule,
         ),
+        "(a') scratch, fine-tune steps": train_once(
+            work / "runs" / "scratch_short", vocab_size=padded, **on_chat, **{**schedule, **fine},
+        ),
         "(b) base + full fine-tune": train_once(
-            work / "runs" / "full", init_from=str(base), max_iters=args.finetune,
-            lr_decay_iters=args.finetune, eval_interval=every, learning_rate=3e-4, min_lr=3e-5,
-            warmup_iters=50, dropout=0.1, **on_chat,
+            work / "runs" / "full", init_from=str(base), learning_rate=args.lr, min_lr=args.lr / 10,
+            dropout=0.1, **fine, **on_chat,
         ),
         "(c) base + LoRA rank 8": train_once(
-            work / "runs" / "lora", init_from=str(base), lora_rank=8, lora_dropout=0.05,
-            max_iters=args.finetune, lr_decay_iters=args.finetune, eval_interval=every,
-            learning_rate=2e-3, min_lr=2e-4, warmup_iters=50, dropout=0.0, **on_chat,
+            work / "runs" / "lora", init_from=str(base), lora_rank=8, lora_layers=",".join(LORA_LAYERS),
+            learning_rate=args.lora_lr, min_lr=args.lora_lr / 10, dropout=0.0, **fine, **on_chat,
         ),
     }  # fmt: skip
-    folders = dict(zip(runs, ("scratch", "full", "lora")))
+    folders = dict(zip(runs, ("scratch", "scratch_short", "full", "lora")))
     rows, samples = [], []
     for name, seconds in runs.items():
         run = work / "runs" / folders[name]
-        steps = total if "scratch" in name else args.finetune
-        pre = 0.0 if "scratch" in name else base_seconds
-        rows.append([name, f"{best_val_loss(run):.4f}", steps + (0 if "scratch" in name else args.pretrain),
-                     f"{pre + seconds:.0f} ({pre:.0f} + {seconds:.0f})"])  # fmt: skip
+        pre, pre_steps = (base_seconds, args.pretrain) if "base" in name else (0.0, 0)
+        steps = total if folders[name] == "scratch" else pre_steps + args.finetune
+        rows.append(
+            [name, f"{best_val_loss(run):.4f}", steps, f"{pre + seconds:.0f} ({pre:.0f} + {seconds:.0f})"]
+        )
         samples.append((name, replies(run)))
-    losses = {name: best_val_loss(work / "runs" / folders[name]) for name in runs}
-    a, b, c = losses.values()
+    a, a_short, b, c = (best_val_loss(work / "runs" / folders[name]) for name in runs)
     header = ["run", "best val loss (bot turns)", "optimizer steps", "seconds (pre-train + fine-tune)"]
     sample_rows = [[m, *(r[i] for _, r in samples)] for i, m in enumerate(MESSAGES)]
     return (
@@ -204,7 +209,8 @@ def quality_part(args: argparse.Namespace) -> str:
         f"{BATCH['batch_size']}, {args.threads} thread(s); bpe:{args.vocab} on the general text; pre-train "
         f"{args.pretrain} steps, fine-tune {args.finetune}, lr {args.lr:g}; {machine()}; {today()}\n\n"
         f"{markdown_table(header, rows)}\n\n"
-        f"(b) - (a): {b - a:+.4f} nats/token; (c) - (a): {c - a:+.4f}; (c) - (b): {c - b:+.4f}\n\n"
+        f"(b) - (a): {b - a:+.4f} nats/token; (b) - (a'): {b - a_short:+.4f}; (c) - (a): {c - a:+.4f}; "
+        f"(c) - (b): {c - b:+.4f}\n\n"
         f"Greedy replies:\n\n{markdown_table(['message', *runs], sample_rows)}"
     )
 
@@ -220,9 +226,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", default="/tmp/smallgpt_finetune")
     parser.add_argument("--vocab", type=int, default=4096, help="BPE ids of the general text's tokenizer")
-    parser.add_argument("--pretrain", type=int, default=400, help="optimizer steps of the base")
+    parser.add_argument("--pretrain", type=int, default=800, help="optimizer steps of the base")
     parser.add_argument("--finetune", type=int, default=200, help="optimizer steps on the dialogues")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr of the base and of (a)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak lr of the base, (a) and (b)")
+    parser.add_argument("--lora-lr", type=float, default=5e-3, help="peak lr of (c)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
