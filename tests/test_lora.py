@@ -10,12 +10,12 @@ import torch
 import transformers
 from safetensors.torch import load_file
 from test_classify import make_backbone_run, quick_args, synthetic_rows, write_csv  # noqa: F401, F811
+from test_serve import sampled
 
 from smallgpt.classify.evaluate import load_classifier
 from smallgpt.classify.train import train_classifier
 from smallgpt.cli import main
 from smallgpt.config import load_config
-from smallgpt.decode import DecodeEngine, SamplingSettings
 from smallgpt.export import ExportArgs, export
 from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.model.lora import LORA_LAYERS, LoRAConfig, LoRALinear, add_lora, merge_lora
@@ -163,7 +163,7 @@ def test_bad_lora_settings_are_one_line_errors(base_run, char_data, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
-def test_export_and_serve_give_the_merged_model(lora_run, tmp_path):
+def test_export_and_serve_give_the_merged_model(lora_run, tmp_path, capsys):
     from smallgpt.serve.models import Sampling, load_models
 
     unmerged = checkpoint.load_model(checkpoint.find_checkpoint(lora_run), merge=False)
@@ -176,12 +176,11 @@ def test_export_and_serve_give_the_merged_model(lora_run, tmp_path):
     models = load_models([str(lora_run)], "", "best", CPU, 2, 2)
     try:
         [served] = models.values()
-        prompt = served.encode("ROMEO:")
+        prompt, _ = served.encode("ROMEO:")
         text = asyncio.run(served.complete(prompt, Sampling(max_tokens=12, temperature=0)).text())
     finally:
         served.scheduler.stop()
-    greedy = DecodeEngine(unmerged, max_batch=1).generate(prompt, SamplingSettings(12, temperature=0))
-    assert text == served.tokenizer.decode(list(greedy))
+    assert len(text) == 12 and text == sampled(capsys, lora_run, "ROMEO:", 12, "--temperature", "0")
 
 
 def test_classify_trains_the_adapters_and_the_head_alone(tmp_path, make_backbone_run):  # noqa: F811
