@@ -113,7 +113,8 @@ def pretrain(corpus: Path, work: Path, args: argparse.Namespace) -> tuple[Path, 
     from smallgpt.train.run import train
 
     with contextlib.redirect_stdout(io.StringIO()):
-        run_prepare(PrepareArgs(input=str(corpus), out=str(work / "data"), val_fraction=0.02))
+        # a pre-training stopped before its first checkpoint is started again, data and all
+        run_prepare(PrepareArgs(input=str(corpus), out=str(work / "data"), val_fraction=0.02, overwrite=True))
     run = work / "pretrained"
     overrides = [
         f"--dataset={work / 'data'}", f"--out_dir={run}", "--device=cpu", "--progress=false",
@@ -282,9 +283,8 @@ def fine_tune_rows(args: argparse.Namespace, work: Path, backbone: Path, seeds: 
         if (out / "ablation.json").is_file():
             ablation = json.loads((out / "ablation.json").read_text())
         else:
-            ablation = run_ablate(
-                ClassifyAblateArgs(**fine_tuning(args, work, backbone), out_dir=str(out), seed=seed)
-            )
+            settings = fine_tuning(args, work, backbone)  # overwrite: what a stopped ablation left
+            ablation = run_ablate(ClassifyAblateArgs(**settings, out_dir=str(out), seed=seed, overwrite=True))
         for r in ablation:
             run = out / r["variant"]
             rows.append({**r, "seed": seed, "val": best_val_accuracy(run), "runs": [run]})
@@ -298,8 +298,10 @@ def no_mask_run(args: argparse.Namespace, work: Path, backbone: Path, out: Path,
 
     if (out / "eval.json").is_file():
         return json.loads((out / "eval.json").read_text())
-    settings = fine_tuning(args, work, backbone)
-    return train_classifier(ClassifyTrainArgs(**settings, out_dir=str(out), seed=seed, mask_padding=False))
+    settings = fine_tuning(args, work, backbone)  # overwrite: what a stopped run left
+    return train_classifier(
+        ClassifyTrainArgs(**settings, out_dir=str(out), seed=seed, mask_padding=False, overwrite=True)
+    )
 
 
 def plain_rows(args: argparse.Namespace, work: Path, pretrained: Path, seeds: list[int]) -> list[dict]:

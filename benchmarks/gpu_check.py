@@ -202,6 +202,7 @@ def run_config(ctx: Context, name: str, values: dict[str, Any], base: Path | Non
     config = load_config(base)
     common = dict(dataset=str(ctx.data), out_dir=str(ctx.work / name), device=ctx.plan.device)
     common |= dict(dtype="bfloat16", progress=False, always_save_checkpoint=False)
+    common |= dict(overwrite=True)  # a second check in the same --work folder replaces the first's runs
     apply_values(config, common | values, "gpu_check")
     return config
 

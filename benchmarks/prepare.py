@@ -73,7 +73,9 @@ def worker(input_path: str, out: str, tokenizer: str, threads: int) -> None:
 
         prepare.THREADS = threads
         with contextlib.redirect_stdout(io.StringIO()):
-            counts = run_prepare(PrepareArgs(input=input_path, tokenizer=tokenizer, out=out))["counts"]
+            # every repeat prepares into the same scratch folder, replacing the last one's data
+            args = PrepareArgs(input=input_path, tokenizer=tokenizer, out=out, overwrite=True)
+            counts = run_prepare(args)["counts"]
     seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
     print(

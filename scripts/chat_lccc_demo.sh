@@ -2,12 +2,13 @@
 # The README's chat demo: prepare the LCCC toy dialogues (../shared/data, or LCCC=path/to/toy_train.txt),
 # train a small char-level Chinese chat model for about ten minutes on the CPU, print its val loss on
 # bot turns and a few replies. Extra arguments go to `smallgpt train` (e.g. --max_seconds=60).
+# A rerun replaces the demo's own data folder and run (--overwrite); other runs are never touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LCCC=${LCCC:-../shared/data/chitchat_lccc/toy_train.txt}
 bash scripts/setup.sh
-.venv/bin/smallgpt prepare --input "$LCCC" --format chat --block-size 64 --out data/lccc_chat_char
-.venv/bin/smallgpt train configs/chat_lccc_cpu.yaml "$@"
+.venv/bin/smallgpt prepare --input "$LCCC" --format chat --block-size 64 --out data/lccc_chat_char --overwrite
+.venv/bin/smallgpt train configs/chat_lccc_cpu.yaml --overwrite "$@"
 .venv/bin/python - <<'PY'
 import json
 evals = [e for e in map(json.loads, open("runs/chat_lccc/metrics.jsonl")) if e["event"] == "eval"]

@@ -17,6 +17,7 @@ import smallgpt
 from smallgpt import decode
 from smallgpt.chat.repl import ChatArgs
 from smallgpt.cli import main
+from smallgpt.data.prepare import load_meta
 from smallgpt.errors import UserError
 from smallgpt.evaluate import EvalArgs, run_eval
 from smallgpt.generate import ContinueArgs
@@ -204,6 +205,22 @@ def test_bad_messages_are_user_errors(chat_model, messages, fragment):
 def test_chat_needs_a_chat_run(text_run):
     with pytest.raises(UserError, match="no chat tokens"):
         smallgpt.load(text_run, device="cpu").chat([{"role": "user", "content": "hi"}])
+
+
+def test_prepare_and_train_replace_only_with_overwrite(text_run, tmp_path, shared_data, folder_hashes):
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    before = folder_hashes(text_run.parent)
+    with pytest.raises(UserError, match="already holds a trained run"):
+        smallgpt.train(
+            dataset=str(text_run.parent / "data"), out_dir=str(text_run), max_iters=1, **TINY, **QUIET
+        )
+    with pytest.raises(UserError, match="already holds prepared data"):
+        smallgpt.prepare(text, out=text_run.parent / "data")
+    assert folder_hashes(text_run.parent) == before
+    shutil.copytree(text_run.parent / "data", tmp_path / "data")
+    (tmp_path / "small.txt").write_text("To be, or not to be.\n" * 50, encoding="utf-8")
+    smallgpt.prepare(tmp_path / "small.txt", out=tmp_path / "data", overwrite=True)
+    assert load_meta(tmp_path / "data")["inputs"][0]["path"] == str(tmp_path / "small.txt")
 
 
 def test_bad_calls_are_user_errors(text_run, tmp_path):

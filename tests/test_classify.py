@@ -1,6 +1,7 @@
 import argparse
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -323,6 +324,37 @@ def test_ablate_adapts_once_for_every_variant(tmp_path, make_backbone_run, capsy
         tags = checkpoint.read_tags(out / variant / "ckpt" / "last")
         assert tags["backbone"] == str(out / "adapted")
         assert not (out / variant / "adapted").exists()
+
+
+def test_a_classify_run_is_replaced_only_with_overwrite(tmp_path, make_backbone_run, folder_hashes):
+    backbone_run = make_backbone_run(tmp_path / "backbone")
+    data = write_csv(tmp_path / "d.csv", synthetic_rows(80), header=("label", "text"))
+    out = tmp_path / "cls"
+    train_classifier(quick_args(data, backbone_run, out, max_iters=2, adapt_iters=2))
+    half = tmp_path / "half"  # a run cut short after adapting its backbone
+    shutil.copytree(out / "adapted", half / "adapted")
+    before = folder_hashes(tmp_path)
+    for args in (quick_args(data, backbone_run, out, max_iters=3), quick_args(data, backbone_run, half)):
+        with pytest.raises(UserError, match="already holds a classify run: pass --overwrite"):
+            train_classifier(args)
+    flags = ["--data", str(data), "--init-from", str(backbone_run), "--out-dir", str(out), "--device", "cpu"]
+    assert main(["classify", "ablate", *flags, "--max-iters", "1"]) == 2  # ablate into it too
+    assert folder_hashes(tmp_path) == before
+    # --overwrite: a run without adaptation replaces the adapted one, none of which is left
+    train_classifier(quick_args(data, backbone_run, out, max_iters=3, overwrite=True))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            ".lock",
+            "ckpt",
+            "classify.json",
+            "eval.json",
+            "labels.json",
+            "metrics.jsonl",
+            "test.jsonl",
+            "tokenizer.json",
+        ]
+    )
+    assert checkpoint.load_state(out / "ckpt" / "last")["iter_num"] == 3
 
 
 def test_frozen_backbone_is_bit_identical_after_training(tmp_path, make_backbone_run):

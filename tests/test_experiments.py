@@ -118,3 +118,15 @@ def test_compare_from_the_command_line_without_set(config, tmp_path):
     assert main(["compare", str(config), "--vary", "n_layer=1", "--out", str(out)]) == 0
     assert (out / "n_layer-1" / "metrics.jsonl").is_file()
     assert (out / "compare.csv").is_file()
+
+
+def test_compare_refuses_variants_that_hold_runs_before_training_any(config, tmp_path, capsys, folder_hashes):
+    out = tmp_path / "runs"
+    argv = ["compare", str(config), "--out", str(out)]
+    assert main([*argv, "--vary", "n_layer=1"]) == 0
+    before = folder_hashes(out)
+    capsys.readouterr()
+    assert main([*argv, "--vary", "n_layer=2,1"]) == 2  # n_layer-2 is new, n_layer-1 holds a run
+    assert "n_layer-1 already holds a trained run" in capsys.readouterr().err
+    assert folder_hashes(out) == before and not (out / "n_layer-2").exists()
+    assert main([*argv, "--vary", "n_layer=1", "--overwrite"]) == 0

@@ -162,11 +162,34 @@ def test_bad_arguments(args, message):
         run_prepare(args)
 
 
-def test_reprepare_replaces_folder_atomically(tmp_path):
+def test_reprepare_is_refused_without_overwrite(tmp_path, folder_hashes):
+    out = tmp_path / "out"
+    run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "a", 5)), out=str(out)))
+    dialogue = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(dialogue) + "\n", encoding="utf-8")
+    sources = (make_folder(tmp_path / "b", 9), tmp_path / "chat.jsonl")  # text, chat
+    before = folder_hashes(tmp_path)
+    for source in sources:
+        with pytest.raises(UserError, match=f"{out} already holds prepared data: pass --overwrite"):
+            run_prepare(PrepareArgs(input=str(source), out=str(out)))
+    assert folder_hashes(tmp_path) == before
+
+
+def test_prepare_into_a_folder_of_other_files_is_refused(tmp_path, folder_hashes):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "mine.txt").write_text("not prepared data", encoding="utf-8")
+    before = folder_hashes(out)
+    with pytest.raises(UserError, match="already holds files"):
+        run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "a", 5)), out=str(out)))
+    assert folder_hashes(out) == before
+
+
+def test_reprepare_with_overwrite_replaces_folder_atomically(tmp_path):
     out = tmp_path / "out"
     run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "a", 5)), out=str(out)))
     (out / "stale.txt").write_text("from before", encoding="utf-8")
-    meta = run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "b", 9)), out=str(out)))
+    meta = run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "b", 9)), out=str(out), overwrite=True))
     assert load_meta(out) == meta and sum(meta["counts"]["documents"].values()) == 9
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]
@@ -182,7 +205,7 @@ def test_failure_midway_keeps_previous_dataset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(CharTokenizer, "encode_batch_to_arrays", broken)
     with pytest.raises(RuntimeError, match="crashed"):
-        run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "b", 9)), out=str(out)))
+        run_prepare(PrepareArgs(input=str(make_folder(tmp_path / "b", 9)), out=str(out), overwrite=True))
     assert load_meta(out) == before
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]

@@ -126,6 +126,38 @@ def test_eval_only_writes_nothing_into_the_run(char_data, tmp_path, folder_hashe
     assert folder_hashes(run_dir) == before  # config.yaml, metrics.jsonl, checkpoints untouched
 
 
+def test_training_into_a_trained_run_is_refused_and_touches_nothing(char_data, tmp_path, folder_hashes):
+    run_dir = tmp_path / "run"
+    run(char_data, run_dir, "--max_iters=4", "--eval_interval=2")
+    before = folder_hashes(run_dir)
+    for other in ([], ["--n_layer=3"], ["--init_from=scratch", "--overwrite=false"]):  # same or other shape
+        with pytest.raises(UserError, match=f"{run_dir} already holds a trained run .*--overwrite"):
+            run(char_data, run_dir, "--max_iters=1", *other)
+    assert folder_hashes(run_dir) == before
+    run(char_data, run_dir, "--max_iters=6", "--eval_interval=2", "--init_from=resume")  # resume still works
+    assert checkpoint.load_state(run_dir / "ckpt" / "last")["iter_num"] == 6
+
+
+def test_overwrite_replaces_the_run_whole(char_data, tmp_path):
+    run_dir = tmp_path / "run"
+    run(char_data, run_dir, "--max_iters=6", "--eval_interval=2", "--log_interval=1")
+    # another architecture, and no evaluation after step 0: nothing of the old run may remain
+    run(char_data, run_dir, "--max_iters=0", "--n_layer=3", "--overwrite")
+    assert not (run_dir / "ckpt").exists()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["event"], r["iter"]) for r in records] == [("eval", 0)]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["n_layer"] == 3
+    assert saved["train"]["overwrite"] is False  # training from config.yaml again must not replace the run
+    run(char_data, run_dir, "--max_iters=2", "--eval_interval=2", "--n_layer=3", "--overwrite=true")
+    assert checkpoint.load_model(run_dir / "ckpt" / "last").config.n_layer == 3
+
+
+def test_overwrite_and_resume_contradict(char_data, tmp_path):
+    with pytest.raises(UserError, match="pick one"):
+        run(char_data, tmp_path / "run", "--init_from=resume", "--overwrite")
+
+
 def test_resume_without_checkpoint_is_user_error(char_data, tmp_path):
     with pytest.raises(UserError, match="no ckpt/last"):
         run(char_data, tmp_path / "none", "--max_iters=1", "--init_from=resume")

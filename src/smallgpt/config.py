@@ -54,6 +54,8 @@ class TrainConfig:
     lora_layers: str = "attn.c_attn,attn.c_proj"
     """the Linear layers of each block that get adapters, comma-separated: attn.c_attn (q, k, v),
     attn.c_proj (attention output), mlp.c_fc, mlp.c_proj"""
+    overwrite: bool = False
+    """replace the trained run already in out_dir (refused without it; resume continues one instead)"""
     batch_size: int = 12
     """sequences per micro-step"""
     gradient_accumulation_steps: int = 1
@@ -202,6 +204,8 @@ class Config:
                 raise UserError("LoRA (lora_rank) trains adapters on a model: set init_from to a run folder")
             if t.parallel == "fsdp":
                 raise UserError("LoRA (lora_rank) does not support parallel=fsdp; use ddp")
+        if t.overwrite and t.init_from == "resume":
+            raise UserError("init_from=resume continues out_dir's run and overwrite replaces it: pick one")
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UserError(f"config dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         if self.data.loss_on not in ("all", "bot"):

@@ -34,8 +34,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp file's path in `path`'s folder to write; on success it replaces `path` (synced
     to disk first), on any failure it is removed, so `path` is whole or untouched."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder")
+    check_file_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -69,10 +68,27 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def check_file_target(path: str | os.PathLike) -> None:
+    """UserError if no file can be written at `path` (it is a folder, or below a file): callers check
+    their output path before the work whose result it takes."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"cannot write {path}: {above} is a file, not a folder")
+
+
 def check_folder_target(path: str | os.PathLike) -> None:
     """UserError if `path` is a file: writing a folder there would replace it."""
     if Path(path).exists() and not Path(path).is_dir():
         raise UserError(f"{path} exists and is not a folder: choose another output path")
+
+
+def holds_files(path: str | os.PathLike) -> bool:
+    """Whether the folder `path` (or the copy an interrupted `atomic_dir` swap left) holds anything."""
+    folder = resolve_dir(path)
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def refuse_to_replace(path: str | os.PathLike, what: str, overwrite: bool, how: str = "--overwrite") -> None:

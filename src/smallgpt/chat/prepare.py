@@ -30,7 +30,15 @@ from smallgpt.chat.format import (
     join_turns,
     windows,
 )
-from smallgpt.data.prepare import SPLITS, Counts, PrepareArgs, check_args, dataset_meta, route_by_document
+from smallgpt.data.prepare import (
+    SPLITS,
+    Counts,
+    PrepareArgs,
+    check_args,
+    dataset_meta,
+    output_folder,
+    route_by_document,
+)
 from smallgpt.data.sources import Source
 from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, save_tokenizer
 from smallgpt.errors import UserError
@@ -48,12 +56,12 @@ def prepare_chat(args: PrepareArgs, fmt: str, tokenizer: Tokenizer | None = None
     if args.block_size < 8:
         raise UserError(f"--block-size must be at least 8 tokens, not {args.block_size}")
     source = _chat_source(args.input or args.source)
+    suffix = Path(args.tokenizer_from).name if args.tokenizer_from else args.tokenizer.replace(":", "")
+    out = output_folder(args, f"{source.name}_chat_{suffix}")
     tok, counts = _scan(source, fmt, args.tokenizer, tokenizer)
     print(f"dialogues: {counts.documents:,}, characters: {counts.characters:,}")
     print(f"vocab size: {tok.vocab_size:,} (with the chat tokens {', '.join(tok.added_tokens().values())})")
 
-    suffix = Path(args.tokenizer_from).name if args.tokenizer_from else args.tokenizer.replace(":", "")
-    out = Path(args.out or Path("data") / f"{source.name}_chat_{suffix}")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with atomic_dir(out) as tmp:
         stats, chat = _write_splits(source, fmt, tok, counts, args, dtype, tmp)

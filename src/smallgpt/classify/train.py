@@ -43,16 +43,24 @@ from smallgpt.classify.evaluate import (
 from smallgpt.classify.model import ClassifierConfig, GPTClassifier
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_write_bytes, atomic_write_json, atomic_write_text, folder_lock
+from smallgpt.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    folder_lock,
+    refuse_to_replace,
+)
 from smallgpt.model.lora import LoRAConfig, add_lora
 from smallgpt.runs import load_run
 from smallgpt.train.checkpoint import base_tags, find_checkpoint
 from smallgpt.train.distributed import DistInfo
 from smallgpt.train.optim import adamw, decay_groups
+from smallgpt.train.run import RUN_FILES, clear_run, holds_checkpoint
 from smallgpt.train.schedule import LRSchedule
 from smallgpt.train.trainer import LoopSettings, LossFn, Trainer
 
 ADAPTED = "adapted"  # the backbone adapted by --adapt-iters, a run folder inside OUT_DIR
+CLASSIFY_FILES = (*RUN_FILES, LABELS, SETTINGS, TEST_SPLIT, "eval.json", ADAPTED)  # what train writes
 
 
 @dataclass
@@ -149,6 +157,9 @@ class ClassifyOptions:
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace the classify run already in --out-dir (refused without it)"}
+    )
 
     def validate(self) -> None:
         if self.batch_size <= 0:
@@ -271,6 +282,14 @@ def load_splits(args: ClassifyOptions) -> Splits:
     return Splits(splits["train"], splits["val"], splits.get("test"), names)
 
 
+def check_out_dirs(args: ClassifyOptions, run_dirs: list[Path]) -> None:
+    """A classify run (or a backbone adapted for one) already in one of `run_dirs` is replaced only
+    with --overwrite."""
+    for run_dir in run_dirs:
+        if holds_checkpoint(run_dir) or holds_checkpoint(run_dir / ADAPTED):
+            refuse_to_replace(run_dir, "a classify run", args.overwrite)
+
+
 def backbone_run(args: ClassifyOptions, splits: Splits, device: torch.device) -> str:
     """The run to fine-tune: --init-from, or, with --adapt-iters, its adaptation to the training texts."""
     if args.adapt_iters == 0:
@@ -360,11 +379,16 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
     """Fine-tune, then score ckpt/best on the test split (else val); returns those metrics + seconds."""
     args.validate()
     lora = args.lora()
+    run_dir = Path(args.out_dir)
+    check_out_dirs(args, [run_dir])
     device = resolve_device(args.device)
     backbone, tokenizer = load_run(args.init_from, device)
     splits = load_splits(args)
     classifier = args.classifier(len(splits.names), tokenizer.eot_id)
     windows = classifier.windows(backbone.config.block_size)  # a bad stride fails before adapting
+    if args.overwrite:  # the data was read: the old run goes before anything of the new one is written
+        with folder_lock(run_dir):
+            clear_run(run_dir, CLASSIFY_FILES)
     init_from = backbone_run(args, splits, device)
     if init_from != args.init_from:
         backbone, tokenizer = load_run(init_from, device)
@@ -404,7 +428,6 @@ def train_classifier(args: ClassifyTrainArgs) -> dict[str, Any]:
         metrics, _ = evaluate_ids(m, encoded["val"].ids, labels["val"], 2 * args.batch_size, eot, device)
         return {**{f"val_{k}": v for k, v in metrics.items()}, "val_error": 1 - metrics["accuracy"]}
 
-    run_dir = Path(args.out_dir)
     trainer = Trainer(
         settings,
         model,
@@ -470,18 +493,25 @@ def run_ablate(args: ClassifyAblateArgs) -> list[dict]:
     args.validate()
     rows = []
     shared = {f.name: getattr(args, f.name) for f in fields(ClassifyOptions)}
+    out = Path(args.out_dir)
+    variants = GRID_VARIANTS if args.grid else SEED_VARIANTS
+    check_out_dirs(args, [out, *(out / variant_name(mask, frozen) for mask, frozen in variants)])
     if args.adapt_iters:  # one adapted backbone for every variant
         device = resolve_device(args.device)
-        shared.update(init_from=backbone_run(args, load_splits(args), device), adapt_iters=0)
-    for mask, frozen in GRID_VARIANTS if args.grid else SEED_VARIANTS:
+        splits = load_splits(args)
+        if args.overwrite:
+            with folder_lock(out):
+                clear_run(out, (ADAPTED,))
+        shared.update(init_from=backbone_run(args, splits, device), adapt_iters=0)
+    for mask, frozen in variants:
         name = variant_name(mask, frozen)
         print(f"\n=== {name} ===")
         variant = ClassifyTrainArgs(
-            **{**shared, "out_dir": str(Path(args.out_dir) / name)}, mask_padding=mask, freeze_backbone=frozen
+            **{**shared, "out_dir": str(out / name)}, mask_padding=mask, freeze_backbone=frozen
         )
         rows.append({"variant": name, "mask": mask, "frozen": frozen, **train_classifier(variant)})
     print("\n" + ablation_table(rows))
-    atomic_write_json(Path(args.out_dir) / "ablation.json", rows)
+    atomic_write_json(out / "ablation.json", rows)
     return rows
 
 

@@ -25,7 +25,15 @@ import numpy as np
 from smallgpt.data.sources import ReadOptions, Source
 from smallgpt.data.tokenizers import Tokenizer, build_tokenizer, check_kind, learns_vocabulary, save_tokenizer
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_dir, atomic_write_json, check_folder_target, resolve_dir, sha256_file
+from smallgpt.io import (
+    atomic_dir,
+    atomic_write_json,
+    check_folder_target,
+    holds_files,
+    refuse_to_replace,
+    resolve_dir,
+    sha256_file,
+)
 from smallgpt.progress import progress_bar
 
 META_FORMAT_VERSION = 1
@@ -78,6 +86,10 @@ class PrepareArgs(ReadOptions):
         default=256,
         metadata={"help": "chat: dialogues longer than this many tokens are cut into windows of whole turns"},
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "replace the output folder when it already holds prepared data (or other files)"},
+    )
 
 
 @dataclass
@@ -95,7 +107,18 @@ def check_args(args: PrepareArgs) -> None:
         raise UserError(f"--val-fraction must be between 0 and 0.5, not {args.val_fraction}")
     check_kind(args.tokenizer)
     if args.out is not None:  # now, not after reading the whole corpus
-        check_folder_target(args.out)
+        output_folder(args, "")
+
+
+def output_folder(args: PrepareArgs, default_name: str) -> Path:
+    """--out, or data/<default_name>. The new folder takes the place of the whole old one, so one
+    that holds anything is replaced only with --overwrite."""
+    out = Path(args.out or Path("data") / default_name)
+    check_folder_target(out)
+    if holds_files(out):
+        meta = (resolve_dir(out) / "meta.json").is_file()
+        refuse_to_replace(out, "prepared data" if meta else "files", args.overwrite)
+    return out
 
 
 def prepare_text(args: PrepareArgs, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
@@ -105,11 +128,11 @@ def prepare_text(args: PrepareArgs, tokenizer: Tokenizer | None = None) -> dict[
     """
     check_args(args)
     source = args.open(args.source, args.input)
+    suffix = Path(args.tokenizer_from).name if args.tokenizer_from else args.tokenizer.replace(":", "")
+    out = output_folder(args, f"{source.name}_{suffix}")
     tok, counts = scan(source, args.tokenizer, tokenizer)
     print(f"vocab size: {tok.vocab_size:,}")
 
-    suffix = Path(args.tokenizer_from).name if args.tokenizer_from else args.tokenizer.replace(":", "")
-    out = Path(args.out or Path("data") / f"{source.name}_{suffix}")
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     with atomic_dir(out) as tmp:
         stats, counts = write_splits(source, tok, counts, args, dtype, tmp)

@@ -46,6 +46,9 @@ class CompareArgs:
         metadata={"help": "KEY=VALUE for every run, e.g. max_iters=2000 or max_seconds=120 (repeatable)"},
     )
     out: str = field(default="runs/compare", metadata={"help": "folder for the runs, table and plot"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace runs already trained in OUT/<variant> (refused without it)"}
+    )
 
 
 def parse_vary(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -115,14 +118,14 @@ def command_line(args: CompareArgs) -> str:
 
 def compare(args: CompareArgs) -> list[dict[str, Any]]:
     """Train every variant x seed into OUT/<variant>/, then write OUT/compare.{md,csv,png}."""
-    from smallgpt.train.run import train
+    from smallgpt.train.run import check_out_dir, train
 
     if args.config is None:
         raise UserError("compare needs a config file: smallgpt compare CONFIG --vary KEY=V1,V2")
     if args.seeds < 1:
         raise UserError(f"--seeds must be at least 1, not {args.seeds}")
     axes = parse_vary(args.vary)
-    common = [f"--{item}" for item in args.set]
+    common = [f"--{item}" for item in args.set] + (["--overwrite=true"] if args.overwrite else [])
     base_seed = load_config(args.config, common).train.seed
     out, plan, rows, runs = Path(args.out), [], [], {}
     for variant in variants(axes):  # every config is checked before the first run starts
@@ -132,6 +135,7 @@ def compare(args: CompareArgs) -> list[dict[str, Any]]:
             overrides = [*common, *(f"--{k}={v}" for k, v in variant.items())]
             config = load_config(args.config, [*overrides, f"--seed={seed}", f"--out_dir={run_dir}"])
             config.validate()
+            check_out_dir(config)
             plan.append((name, seed, run_dir, overrides, config))
     for name, seed, run_dir, overrides, config in plan:
         print(f"== {run_dir}: {' '.join(overrides)}")

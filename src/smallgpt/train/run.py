@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from smallgpt.data.loader import BatchSampler, open_dataset, open_mask, open_spl
 from smallgpt.data.nanogpt import is_nanogpt_folder
 from smallgpt.data.tokenizers import Tokenizer, load_tokenizer, save_tokenizer
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_write_json, folder_lock, resolve_dir
+from smallgpt.io import atomic_write_json, folder_lock, refuse_to_replace, resolve_dir
 from smallgpt.model.gpt import GPT, ModelConfig
 from smallgpt.model.hub import HUB_MODELS
 from smallgpt.model.lora import LoRAConfig, add_lora
@@ -25,6 +26,32 @@ from smallgpt.train.schedule import LRSchedule
 from smallgpt.train.trainer import LoopSettings, Trainer
 
 EVAL_SEED_OFFSET = 10_000  # eval samplers draw from their own seeds, apart from training's
+# what `train` writes into a run folder: an overwritten run loses all of it before the new one starts
+RUN_FILES = ("ckpt", "metrics.jsonl", "config.yaml", "tokenizer.json", "data_meta.json", "tensorboard")
+
+
+def holds_checkpoint(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a trained run: anything under ckpt/ (best, last, a swap's copy)."""
+    ckpt = Path(run_dir) / "ckpt"
+    return ckpt.is_dir() and any(ckpt.iterdir())
+
+
+def check_out_dir(config: Config) -> None:
+    """A trained run in out_dir is continued (init_from=resume) or replaced (overwrite), never lost
+    silently; evaluating (eval_only) writes nothing, so it may read any run."""
+    t = config.train
+    if t.init_from != "resume" and not t.eval_only and holds_checkpoint(t.out_dir):
+        refuse_to_replace(t.out_dir, "a trained run (continue it with --init_from=resume)", t.overwrite)
+
+
+def clear_run(run_dir: Path, names: tuple[str, ...] = RUN_FILES) -> None:
+    """Remove an overwritten run's files, so its checkpoints and metrics never mix with the new run's."""
+    for name in names:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def resolve_dataset(dataset: str) -> Path:
@@ -228,6 +255,7 @@ def base_model(
 def train(config: Config) -> dict[str, float]:
     """Train per `config`; returns the final evaluation metrics."""
     config.validate()
+    check_out_dir(config)
     check_optimizer(config.optim.optimizer)  # the checks that need no data: before loading it
     check_backends(config.log.tensorboard, config.log.wandb_log)
     info = init_distributed(config.train.device, config.train.backend)
@@ -278,7 +306,10 @@ def _train(config: Config, info: DistInfo, held: contextlib.ExitStack) -> dict[s
         trainer.resume(ckpt)
     if info.is_main and not config.train.eval_only:  # evaluating a run leaves its folder as it was
         held.enter_context(folder_lock(run_dir))  # one writer per run folder
-        save_config(config, run_dir / "config.yaml")
+        if config.train.overwrite:
+            clear_run(run_dir)
+        # overwrite is an order, not a setting: training from this config.yaml again must not replace the run
+        save_config(replace(config, train=replace(config.train, overwrite=False)), run_dir / "config.yaml")
         save_tokenizer(tokenizer, run_dir / "tokenizer.json")
         atomic_write_json(run_dir / "data_meta.json", meta)
     if info.is_main:
