@@ -222,6 +222,23 @@ def test_sample_from_run_without_checkpoint(tmp_path, capsys):
     assert_user_error(capsys, ["sample", "--run", str(tmp_path / "run")], "no checkpoint")
 
 
+def test_sample_from_a_file_says_it_is_not_a_run_folder(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file")
+    assert_user_error(capsys, ["sample", "--run", str(tmp_path / "notes.txt")], "is a file, not a run folder")
+
+
+@pytest.mark.parametrize(
+    "args, closest, verb",
+    [
+        (["sample", "--run", "r", "--tempreature", "0.5"], "--temperature", "sample"),
+        (["sample", "--run", "r", "--max_new_tokenz=4"], "--max-new-tokens", "sample"),  # nanoGPT's spelling
+        (["classify", "predict", "--run", "r", "--fille", "x"], "--file", "classify predict"),
+    ],
+)
+def test_an_unknown_flag_of_a_verb_names_its_closest_flag_and_the_verbs_help(capsys, args, closest, verb):
+    assert_user_error(capsys, args, f"did you mean {closest}?", f"(see smallgpt {verb} --help)")
+
+
 def copy_run(run: Path, dest: Path) -> Path:
     import shutil
 

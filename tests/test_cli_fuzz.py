@@ -41,6 +41,7 @@ CLS_TRAIN, CLS_EVAL = ["classify", "train", *CLASSIFY], ["classify", "eval", "--
 PREDICT = ["classify", "predict", "--run", "{cls_run}"]
 EVAL = ["eval", "--run", "{run}", "--input"]
 COMPARE = ["compare", "--out", "{new}", "{compare_yaml}"]
+ABLATE = ["classify", "ablate", "--init-from", "{run}", "--data", "{labels_csv}", "--out-dir"]
 
 # verb -> (case, arguments, a fragment of the error line). {name} is a path of the `world` fixture;
 # {new} is where a run or output would go (it must still not exist afterwards).
@@ -60,6 +61,9 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("unknown flag", ["prepare", "--input", "{good_txt}", "--tokeniser", "char"], "unrecognized"),
         ("unknown format", ["prepare", "--input", "{good_txt}", "--format", "xml"], "unknown --format"),
         ("out is a file", ["prepare", "--input", "{good_txt}", "--out", "{good_txt}"], "not a folder"),
+        ("out holds data", ["prepare", "{good_txt}", "--out", "{other_data}"], "holds prepared data"),
+        ("chat out holds data", ["prepare", "{chat_jsonl}", "--out", "{other_data}"], "--overwrite"),
+        ("out holds files", ["prepare", "--input", "{good_txt}", "--out", "{run}"], "already holds files"),
         ("chat not JSON", ["prepare", "--input", "{broken_jsonl}", "--out", "{new}"], "broken.jsonl"),
         ("chat empty", ["prepare", "--input", "{empty_jsonl}", "--out", "{new}"], "empty"),
         ("chat block size", ["prepare", "--input", "{chat_jsonl}", "--block-size", "0"], "block"),
@@ -95,6 +99,9 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("resume, NaN weights", [*RESUME, "--out_dir={nan_run}"], "NaN or inf"),
         ("resume, other tokenizer", [*RESUME, "--out_dir={run}", "--dataset={other_data}"], "tokenizer"),
         ("out_dir is a file", [*TRAIN[:2], "--out_dir={good_txt}", *TINY], "is not a folder"),
+        ("out_dir holds a run", [*TRAIN[:2], "--out_dir={run}", *TINY], "already holds a trained run"),
+        ("other shape into a run", [*TRAIN[:2], "--out_dir={run}", *TINY, "--n_layer=2"], "--overwrite"),
+        ("resume and overwrite", [*RESUME, "--out_dir={run}", "--overwrite"], "pick one"),
         ("unknown device", [*TRAIN, "--device=tpu"], "unknown device"),
         ("nproc", [*TRAIN, "--nproc=0"], "positive number of processes"),
         ("flag typo", [*TRAIN, "--compil"], "did you mean 'compile'"),
@@ -117,7 +124,8 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("checkpoint name", [*RUN, "--checkpoint", "middle"], "best or last"),
         ("start file missing", [*RUN, "--start", "FILE:{missing}"], "does not exist"),
         ("start not UTF-8", [*RUN, "--start", "FILE:{latin1_txt}"], "UTF-8"),
-        ("unknown flag", ["sample", "--run", "{run}", "--tempreature", "1"], "unrecognized"),
+        ("unknown flag", ["sample", "--run", "{run}", "--tempreature", "1"], "did you mean --temperature?"),
+        ("run is a file", ["sample", "--run", "{good_txt}", *SAMPLE], "not a run folder"),
         ("no source", ["sample", *SAMPLE], "pass either --run"),
         ("init-from folder", ["sample", "--init-from", "{empty_dir}", *SAMPLE], "empty"),
         ("unknown device", ["sample", "--run", "{run}", "--device", "tpu"], "unknown device"),
@@ -146,6 +154,7 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("zero batch", [*CLS_TRAIN, "{labels_csv}", "--batch-size", "0"], "batch"),
         ("nan lr", [*CLS_TRAIN, "{labels_csv}", "--learning-rate", "nan"], "finite"),
         ("out-dir is a file", [*CLS_TRAIN, "{labels_csv}", "--out-dir", "{good_txt}"], "is not a folder"),
+        ("out-dir holds a run", [*CLS_TRAIN, "{labels_csv}", "--out-dir", "{cls_run}"], "a classify run"),
     ],
     "classify eval": [
         ("missing run", ["classify", "eval", "--run", "{missing}"], "does not exist"),
@@ -164,6 +173,7 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
     "classify ablate": [
         ("missing data", ["classify", "ablate", *CLASSIFY, "{missing}"], "does not exist"),
         ("bad pooling", ["classify", "ablate", *CLASSIFY, "{labels_csv}", "--pooling", "max"], "pooling"),
+        ("out-dir holds a run", [*ABLATE, "{cls_run}"], "already holds a classify run: pass --overwrite"),
     ],
     "export": [
         ("missing run", ["export", "--run", "{missing}", "--out", "{new}"], "does not exist"),
@@ -192,7 +202,8 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("input not UTF-8", [*EVAL, "{latin1_txt}"], "UTF-8"),
         ("input whitespace", [*EVAL, "{blank_txt}"], "no text"),
         ("stride", [*EVAL, "{good_txt}", "--stride", "0"], "stride"),
-        ("json is a folder", [*EVAL, "{good_txt}", "--json", "{empty_dir}"], "dir"),
+        ("json is a folder", [*EVAL, "{good_txt}", "--json", "{empty_dir}"], "is a folder"),
+        ("json below a file", [*EVAL, "{good_txt}", "--json", "{good_txt}/out.json"], "is a file"),
         ("nothing to score", ["eval", "--input", "{good_txt}"], "--run"),
     ],
     "plot": [
@@ -216,13 +227,14 @@ BAD_INPUTS: dict[str, list[tuple[str, list[str], str]]] = {
         ("set unknown key", [*COMPARE, "--vary", "n_layer=1,2", "--set", "max_iter=2"], "did you mean"),
         ("seeds", [*COMPARE, "--vary", "n_layer=1,2", "--seeds", "0"], "--seeds"),
         ("config not UTF-8", ["compare", "{latin1_yaml}", "--vary", "n_layer=1,2"], "UTF-8"),
+        ("variant holds a run", [*COMPARE[:2], "{compared}", COMPARE[3], "--vary", "n_layer=2,1"], "holds a"),
     ],
 }  # fmt: skip
 
 
 def verbs() -> list[str]:
     """Every verb of the CLI: `train`, `sample`, ..., `classify train`, ..."""
-    names = ["train"]
+    names = []
     for name, verb in COMMANDS.items():
         names += [name] if isinstance(verb, Verb) else [f"{name} {sub}" for sub in verb]
     return names
@@ -349,6 +361,8 @@ def world(tmp_path_factory, char_data) -> dict[str, Path]:
         (copy_run(run, root / name) / "metrics.jsonl").write_bytes(metrics)
         w[name] = root / name
     text("compare.yaml", f"dataset: {char_data}\n" + "".join(f"{a[2:].replace('=', ': ')}\n" for a in TINY))
+    w["compared"] = root / "compared"  # a compare whose variant n_layer-1 was trained
+    copy_run(run, w["compared"] / "n_layer-1")
     return w
 
 

@@ -190,7 +190,7 @@ def verb_of(argv: list[str]) -> str:
 
 
 def test_readme_shows_every_verb():
-    verbs = {"train"}
+    verbs = set()
     for verb, table in COMMANDS.items():
         verbs |= {f"{verb} {sub}" for sub in table} if isinstance(table, dict) else {verb}
     shown = {verb_of(argv) for doc, argv in DOC_COMMANDS if doc == "README.md"}

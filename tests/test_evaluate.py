@@ -10,10 +10,11 @@ import pytest
 import torch
 from test_cli import assert_user_error
 
+from smallgpt import evaluate
 from smallgpt.cli import main
 from smallgpt.config import load_config
 from smallgpt.data.tokenizers import CharTokenizer
-from smallgpt.evaluate import EvalArgs, run_eval, score_documents, windows
+from smallgpt.evaluate import EvalArgs, run_eval, score_documents, short_names, windows
 from smallgpt.experiments.metrics import events
 from smallgpt.model import quantize as quantize_module
 from smallgpt.model.gpt import GPT, ModelConfig
@@ -165,16 +166,41 @@ def test_char_and_gpt2_runs_in_one_table(char_run, gpt2_run, tmp_path, capsys, f
         "unk",
     ]
     char_row, gpt2_row = table[1].split(), table[2].split()
-    assert char_row[:2] == [str(char_run[1]), "char"] and gpt2_row[:2] == [str(gpt2_run[1]), "gpt2"]
+    # the runs and the input by their short names, not their long temporary paths (those are in --json)
+    assert char_row[:3] == ["run_char", "char", "in.txt"] and gpt2_row[:3] == ["run_gpt2", "gpt2", "in.txt"]
+    assert max(len(line) for line in table[:3]) < 100  # ~170 with the paths
     assert char_row[4] == str(len(text)) and int(gpt2_row[4]) < len(text)  # BPE: fewer tokens
     assert char_row[-1] == "1" and gpt2_row[-1] == "-"  # one unknown character; BPE has none
     assert any("scored as <|unk|>" in line for line in table)
     results = json.loads(out.read_text())
     assert [r["model"] for r in results] == [str(char_run[1]), str(gpt2_run[1])]
+    assert [r["input"] for r in results] == [str(tmp_path / "in.txt")] * 2
     for r, row in zip(results, (char_row, gpt2_row)):
         assert r["bytes"] == len(text.encode()) and f"{r['bits_per_byte']:.4f}" == row[7]
         assert r["bits_per_byte"] == pytest.approx(r["nats"] / math.log(2) / r["bytes"])
     assert {run: folder_hashes(run) for run in before} == before  # eval writes nothing into a run
+
+
+def test_short_names_are_the_shortest_ends_that_tell_paths_apart():
+    paths = ["/tmp/a/run", "/tmp/b/run", "runs/shakespeare", "gpt2", "/x/b/run/c", "c"]
+    assert short_names(paths) == {
+        "/tmp/a/run": "a/run",
+        "/tmp/b/run": "b/run",
+        "runs/shakespeare": "shakespeare",
+        "gpt2": "gpt2",
+        "/x/b/run/c": "run/c",
+        "c": "c",  # a path that ends another one stays whole
+    }
+
+
+def test_json_path_is_checked_before_any_scoring(char_run, tmp_path, capsys, monkeypatch):
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before checking --json")
+
+    monkeypatch.setattr(evaluate, "score_documents", no_scoring)
+    (tmp_path / "in.txt").write_text("hello")
+    args = ["eval", "--run", str(char_run[1]), "--input", str(tmp_path / "in.txt"), "--device", "cpu"]
+    assert_user_error(capsys, [*args, "--json", str(tmp_path)], f"cannot write {tmp_path}: it is a folder")
 
 
 def test_folder_input_scores_each_document(char_run, tmp_path):

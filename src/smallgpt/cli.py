@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
+import difflib
 import math
 import os
 import signal
@@ -18,7 +18,15 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from smallgpt import __version__, evaluate, export, generate, preparation, serve
+from smallgpt.chat import repl
+from smallgpt.classify import evaluate as classify_evaluate
+from smallgpt.classify import train as classify_train
+from smallgpt.config import keys_help, load_config
 from smallgpt.errors import UserError
+from smallgpt.experiments import compare, metrics, plot
+from smallgpt.train.distributed import torchrun_command
+from smallgpt.train.run import train
 
 
 def finite_float(text: str) -> float:
@@ -74,94 +82,6 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(f"--{f.name}", dest=f.name, default=default, help=argparse.SUPPRESS, **alias)
 
 
-@dataclasses.dataclass(frozen=True)
-class Verb:
-    """A verb whose arguments are the dataclass `args` and whose work is `function(args)`."""
-
-    module: str
-    args: str
-    function: str
-    help: str
-
-    def load(self) -> tuple[type, Callable[[Any], Any]]:
-        module = importlib.import_module(self.module)
-        return getattr(module, self.args), getattr(module, self.function)
-
-
-# the dispatch table: verb -> Verb, or a table of sub-verbs (e.g. `smallgpt classify train`)
-COMMANDS: dict[str, Verb | dict[str, Verb]] = {
-    "prepare": Verb(
-        "smallgpt.preparation",
-        "PrepareArgs",
-        "run_prepare",
-        "tokenize a corpus into a data folder (train.bin, val.bin, meta.json)",
-    ),
-    "sample": Verb("smallgpt.generate", "SampleArgs", "sample", "print samples from a trained run"),
-    "continue": Verb(
-        "smallgpt.generate",
-        "ContinueArgs",
-        "interactive_continue",
-        "interactive: type a beginning, the model continues it",
-    ),
-    "chat": Verb("smallgpt.chat.repl", "ChatArgs", "chat", "talk to a model trained on chat data"),
-    "eval": Verb(
-        "smallgpt.evaluate",
-        "EvalArgs",
-        "run_eval",
-        "score texts with runs or GPT-2: loss, perplexity, bits per byte (one table)",
-    ),
-    "serve": Verb(
-        "smallgpt.serve",
-        "ServeArgs",
-        "serve",
-        "serve runs over an OpenAI-compatible HTTP API and a web page (pip install 'smallgpt[serve]')",
-    ),
-    "plot": Verb("smallgpt.experiments.plot", "PlotArgs", "plot", "draw train/val loss curves of runs"),
-    "export-metrics": Verb(
-        "smallgpt.experiments.metrics",
-        "ExportArgs",
-        "export_metrics",
-        "write a run's metrics as CSV or XLSX",
-    ),
-    "compare": Verb(
-        "smallgpt.experiments.compare",
-        "CompareArgs",
-        "compare",
-        "train config variants on the same budget; table + loss-curve PNG",
-    ),
-    "export": Verb(
-        "smallgpt.export", "ExportArgs", "export", "write a run as a transformers folder or a GGUF file"
-    ),
-    "classify": {
-        "train": Verb(
-            "smallgpt.classify.train",
-            "ClassifyTrainArgs",
-            "train_classifier",
-            "fine-tune a pretrained run as a text classifier on labelled CSV/TSV/JSONL",
-        ),
-        "eval": Verb(
-            "smallgpt.classify.evaluate",
-            "ClassifyEvalArgs",
-            "run_eval",
-            "accuracy, macro-F1 and confusion matrix of a classify run on labelled data",
-        ),
-        "predict": Verb(
-            "smallgpt.classify.evaluate",
-            "ClassifyPredictArgs",
-            "run_predict",
-            "label a text (or every line of --file) with class probabilities",
-        ),
-        "ablate": Verb(
-            "smallgpt.classify.train",
-            "ClassifyAblateArgs",
-            "run_ablate",
-            "train the seed's mask/freeze variants from one pretrained run and print the table",
-        ),
-    },
-}
-TRAIN_HELP = "train a GPT from a YAML or nanoGPT-style .py config file and --key=value overrides"
-
-
 def pop_nproc(args: list[str]) -> tuple[int, list[str]]:
     """`--nproc N` / `--nproc=N` (processes to launch; not a config key) and the remaining arguments."""
     for i, arg in enumerate(args):
@@ -175,13 +95,8 @@ def pop_nproc(args: list[str]) -> tuple[int, list[str]]:
 
 def train_command(args: list[str]) -> None:
     """`smallgpt train [CONFIG] [--key=value ...] [--nproc N]`: argparse would reject the free-form keys."""
-    from smallgpt.config import load_config
-    from smallgpt.train.run import train
-
     nproc, args = pop_nproc(args)
     if nproc > 1:  # become torchrun, which starts N copies of `smallgpt train` without --nproc
-        from smallgpt.train.distributed import torchrun_command
-
         if "RANK" in os.environ:
             raise UserError("--nproc launches torchrun itself: drop it when starting under torchrun")
         command = torchrun_command(nproc, args)
@@ -191,15 +106,102 @@ def train_command(args: list[str]) -> None:
     train(load_config(path, args[1:] if path is not None else args))
 
 
+@dataclasses.dataclass(frozen=True)
+class Verb:
+    """A verb: `function(args)`, its flags the fields of the dataclass `args`; with `args` None the
+    verb reads its own free-form arguments (`train`'s --key=value) and gets the argument list."""
+
+    args: type | None
+    function: Callable[[Any], Any]
+    help: str
+
+
+# the dispatch table: verb -> Verb, or a table of sub-verbs (e.g. `smallgpt classify train`)
+COMMANDS: dict[str, Verb | dict[str, Verb]] = {
+    "prepare": Verb(
+        preparation.PrepareArgs,
+        preparation.run_prepare,
+        "tokenize a corpus into a data folder (train.bin, val.bin, meta.json)",
+    ),
+    "train": Verb(
+        None,
+        train_command,
+        "train a GPT from a YAML or nanoGPT-style .py config file and --key=value overrides",
+    ),
+    "sample": Verb(generate.SampleArgs, generate.sample, "print samples from a trained run"),
+    "continue": Verb(
+        generate.ContinueArgs,
+        generate.interactive_continue,
+        "interactive: type a beginning, the model continues it",
+    ),
+    "chat": Verb(repl.ChatArgs, repl.chat, "talk to a model trained on chat data"),
+    "eval": Verb(
+        evaluate.EvalArgs,
+        evaluate.run_eval,
+        "score texts with runs or GPT-2: loss, perplexity, bits per byte (one table)",
+    ),
+    "serve": Verb(
+        serve.ServeArgs,
+        serve.serve,
+        "serve runs over an OpenAI-compatible HTTP API and a web page (pip install 'smallgpt[serve]')",
+    ),
+    "plot": Verb(plot.PlotArgs, plot.plot, "draw train/val loss curves of runs"),
+    "export-metrics": Verb(
+        metrics.ExportArgs,
+        metrics.export_metrics,
+        "write a run's metrics as CSV or XLSX",
+    ),
+    "compare": Verb(
+        compare.CompareArgs,
+        compare.compare,
+        "train config variants on the same budget; table + loss-curve PNG",
+    ),
+    "export": Verb(export.ExportArgs, export.export, "write a run as a transformers folder or a GGUF file"),
+    "classify": {
+        "train": Verb(
+            classify_train.ClassifyTrainArgs,
+            classify_train.train_classifier,
+            "fine-tune a pretrained run as a text classifier on labelled CSV/TSV/JSONL",
+        ),
+        "eval": Verb(
+            classify_evaluate.ClassifyEvalArgs,
+            classify_evaluate.run_eval,
+            "accuracy, macro-F1 and confusion matrix of a classify run on labelled data",
+        ),
+        "predict": Verb(
+            classify_evaluate.ClassifyPredictArgs,
+            classify_evaluate.run_predict,
+            "label a text (or every line of --file) with class probabilities",
+        ),
+        "ablate": Verb(
+            classify_train.ClassifyAblateArgs,
+            classify_train.run_ablate,
+            "train the seed's mask/freeze variants from one pretrained run and print the table",
+        ),
+    },
+}
+
+
 def _add_verb(verbs: argparse._SubParsersAction, name: str, verb: Verb) -> None:
-    args_class, function = verb.load()
+    if verb.args is None:  # train: its parser only prints --help; train_command reads the arguments
+        sub = verbs.add_parser(
+            name,
+            help=verb.help,
+            description=verb.help,
+            epilog=keys_help(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.add_argument("config", nargs="?", help="a YAML or .py config file")
+        sub.add_argument("--nproc", type=int, default=1, help="processes to start on this machine (torchrun)")
+        return
+    args_class, function = verb.args, verb.function
     sub = verbs.add_parser(name, help=verb.help, description=verb.help)
     add_dataclass_arguments(sub, args_class)
 
     def handler(ns: argparse.Namespace) -> None:
         function(args_class(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(args_class)}))
 
-    sub.set_defaults(_handler=handler)  # not `run`: verbs have a --run flag
+    sub.set_defaults(_handler=handler, _parser=sub)  # not `run`: verbs have a --run flag
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -209,22 +211,19 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from smallgpt import __version__
-    from smallgpt.config import keys_help
+def unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> UserError:
+    """argparse's `unrecognized arguments` of a verb, with the verb's closest flag and its --help."""
+    flags = [option for action in parser._actions for option in action.option_strings if option[:2] == "--"]
+    typed = next((arg.partition("=")[0] for arg in unknown if arg.startswith("--")), "")
+    close = difflib.get_close_matches(typed, flags, n=1, cutoff=0.6) if typed else []
+    hint = f"; did you mean {close[0].replace('_', '-')}?" if close else ""
+    return UserError(f"unrecognized arguments: {' '.join(unknown)}{hint} (see {parser.prog} --help)")
 
+
+def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="smallgpt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"smallgpt {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    train = verbs.add_parser(
-        "train",
-        help=TRAIN_HELP,
-        description=TRAIN_HELP,
-        epilog=keys_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_argument("config", nargs="?", help="a YAML or .py config file")
-    train.add_argument("--nproc", type=int, default=1, help="processes to start on this machine (torchrun)")
     for name, verb in COMMANDS.items():
         if isinstance(verb, Verb):
             _add_verb(verbs, name, verb)
@@ -252,10 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`): output goes nowhere, as to a pipe
         sys.stdout = open(os.devnull, "w")  # also takes descriptor 1, so no file we open lands there
     try:
-        if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
-            train_command(argv[1:])
+        verb = COMMANDS.get(argv[0]) if argv else None
+        if isinstance(verb, Verb) and verb.args is None and not {"-h", "--help"} & set(argv):
+            verb.function(argv[1:])
         else:
-            ns = build_parser().parse_args(argv)
+            ns, unknown = build_parser().parse_known_args(argv)
+            if unknown:
+                raise unknown_arguments(ns._parser, unknown)
             ns._handler(ns)
         sys.stdout.flush()  # a closed pipe shows up here, not at exit
     except UserError as e:

@@ -19,6 +19,7 @@ import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -29,7 +30,7 @@ from smallgpt.data.sources import ReadOptions
 from smallgpt.data.tokenizers import UNK, Tokenizer
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
-from smallgpt.io import atomic_write_json
+from smallgpt.io import atomic_write_json, check_file_target
 from smallgpt.model.gpt import GPT
 from smallgpt.progress import progress_bar
 from smallgpt.runs import Precision, load_source
@@ -224,6 +225,8 @@ def run_eval(args: EvalArgs, out: TextIO | None = None) -> list[Result]:
     if not args.run and not args.init_from:
         raise UserError("pass at least one --run DIR or --init-from MODEL to evaluate")
     check_settings(args.stride, args.batch_size)
+    if args.json:  # before the scoring, which may take long
+        check_file_target(args.json)
     inputs = read_inputs(args)
     device = resolve_device(args.device)
     models = [(run, "") for run in args.run] + [("", name) for name in args.init_from]
@@ -242,17 +245,33 @@ def run_eval(args: EvalArgs, out: TextIO | None = None) -> list[Result]:
     return results
 
 
+def short_names(paths: list[str]) -> dict[str, str]:
+    """Each path by its shortest ending that no other path shares (`runs/a`, `/x/b/run`: `a`, `run`),
+    so a table of absolute paths stays narrow; a path that ends another one stays whole."""
+    parts = {path: Path(path).parts for path in dict.fromkeys(paths)}
+    names = {}
+    for path, mine in parts.items():
+        others = [theirs for other, theirs in parts.items() if other != path and theirs != mine]
+        ends = (mine[-n:] for n in range(1, len(mine) + 1))
+        unique = next((end for end in ends if all(theirs[-len(end) :] != end for theirs in others)), None)
+        names[path] = str(Path(*unique)) if unique and len(unique) < len(mine) else path
+    return names
+
+
 def format_table(results: list[Result]) -> str:
-    """Models x inputs, one row each, columns aligned."""
+    """Models x inputs, one row each, columns aligned; models and inputs by their short names (the
+    full paths are in --json)."""
     header = ["model", "tokenizer", "input", "context/stride", "tokens", "loss", "ppl", "bits/byte", "unk"]
     rows = [header]
+    models = short_names([r.model for r in results])
+    inputs = short_names([r.input for r in results])
     for r in results:
         s = r.score
         rows.append(
             [
-                r.model,
+                models[r.model],
                 r.tokenizer,
-                r.input,
+                inputs[r.input],
                 f"{r.block_size}/{r.stride}",
                 f"{s.tokens:,}",
                 f"{s.loss:.4f}",

@@ -38,6 +38,8 @@ def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
     if which not in CHECKPOINTS:
         raise UserError(f"checkpoint must be best or last, got {which!r}")
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run folder (the folder with ckpt/ that train made)")
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist")
     for name in (which, *(c for c in CHECKPOINTS if c != which)):
