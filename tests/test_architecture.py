@@ -3,11 +3,13 @@ functions) points down the layer order or sideways within a layer, no modules im
 a cycle, and no module imports another's private (underscore) names."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+ARCHITECTURE = SRC.parent / "docs" / "architecture.md"
 
 # lowest first; a module belongs to the layer of the longest prefix naming it
 LAYERS = [
@@ -146,3 +148,30 @@ def test_config_validation_loads_no_conversion_code():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def documented_modules() -> set[str]:
+    """The files named in the first column of docs/architecture.md's module table."""
+    section = ARCHITECTURE.read_text(encoding="utf-8").split("\n## Modules\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return {name for first_column in rows for name in re.findall(r"`([^`]+)`", first_column)}
+
+
+def test_every_module_is_in_the_architecture_docs_module_table():
+    files = {str(path.relative_to(SRC / "smallgpt")) for path in MODULES.values()}
+    missing = sorted(files - documented_modules())
+    assert not missing, f"docs/architecture.md's module table lacks: {', '.join(missing)}"
+
+
+def test_the_cli_imports_every_verb_where_this_test_sees_it():
+    from smallgpt.cli import COMMANDS
+
+    verbs = [
+        verb
+        for entry in COMMANDS.values()
+        for verb in (entry.values() if isinstance(entry, dict) else [entry])
+    ]
+    assert "train" in COMMANDS  # in the one table, as every other verb
+    imported = {target for target, _, _ in EDGES["smallgpt.cli"]} | {"smallgpt.cli"}
+    unseen = sorted({verb.function.__module__ for verb in verbs} - imported)
+    assert not unseen, f"smallgpt.cli reaches these verbs' modules without an import statement: {unseen}"

@@ -315,7 +315,7 @@ class BPETokenizer(Tokenizer):
 
     def encode_batch_to_arrays(self, texts: list[str]) -> list[np.ndarray]:
         # parallel, in Rust; encode_batch_fast (tokenizers >= 0.20) skips the character offsets we
-        # never read: 1.75x as fast on 20 MB of stories, and far less memory
+        # never read: faster, and far less memory (docs/benchmarks.md, data preparation)
         encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
         encodings = encode(texts, add_special_tokens=False)
         return [np.array(e.ids, dtype=np.uint32) for e in encodings]
@@ -403,7 +403,8 @@ def _gpt2_encoding():
     )
     # Encode once on the loading thread. When the first encode ran on one of prepare's worker
     # threads instead, two workers were no faster than one (tiktoken 0.14, measured; its regex seems
-    # to favour the first thread that used it); after this, two workers encode 1.6x as fast.
+    # to favour the first thread that used it); after this, two workers share the encoding
+    # (docs/benchmarks.md, data preparation).
     encoding.encode_ordinary("warm-up")
     return encoding
 

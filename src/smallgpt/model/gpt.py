@@ -193,8 +193,8 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention (B, nh, T, hs). On a CPU it runs in fp32 when its inputs are
     bf16 (a bf16 model, or training's bf16 autocast): torch's CPU attention kernels are several times
-    slower in bf16 (the forward at one query per row 6x, the backward 3x), and attention's inputs are
-    small next to the Linear layers', which are over 2x faster in bf16."""
+    slower in bf16, forward and backward, and attention's inputs are small next to the Linear
+    layers', which gain from bf16 (docs/benchmarks.md)."""
     if torch.compiler.is_compiling() and q.device.type == "cpu" and q.size(2) == 1 and attn_mask is not None:
         return _one_query_attention(q, k, v, attn_mask)
     if q.device.type == "cpu" and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
@@ -211,8 +211,8 @@ def _one_query_attention(
 ) -> torch.Tensor:
     """Attention of one new token per row (q (B, nh, 1, hs)) over its cache (k, v (B, nh, T, hs)),
     mask (B, 1, 1, T). Written as two reductions over the cache, which inductor fuses into loops of
-    its own on a CPU: in a compiled decoding step of the 6x384 model they took 0.11 ms a token where
-    the attention kernel, built for many queries at once, took 0.29 ms."""
+    its own on a CPU: faster in a compiled decoding step than the attention kernel, which is built
+    for many queries at once (docs/benchmarks.md, generation speed)."""
     scores = (q * k).sum(-1) / math.sqrt(q.size(-1))  # (B, nh, T)
     weights = scores.masked_fill(~mask[:, :, 0], float("-inf")).softmax(dim=-1)  # (B, nh, T)
     return (weights.unsqueeze(-1) * v).sum(dim=-2, keepdim=True).to(q.dtype)  # (B, nh, 1, hs)

@@ -25,8 +25,8 @@ QUANTIZATIONS = ("none", "int8")
 M = TypeVar("M", bound=nn.Module)
 INT8_KERNEL_ALIGN = 16  # the CPU kernel needs in_features divisible by this (wrong results otherwise)
 # The CPU kernel's cost grows with every row, while dequantizing costs once per call: above this many
-# rows (a prompt, a context refill) the fp32 matmul of the dequantized weight is faster. Measured on
-# the 6x384 model on a 2-core AVX2 CPU: 192 rows took 71 ms through the kernel, 35 ms dequantized.
+# rows (a prompt, a context refill) the fp32 matmul of the dequantized weight is faster (measured:
+# docs/benchmarks.md, generation speed).
 INT8_KERNEL_MAX_ROWS = 32
 
 

@@ -100,9 +100,9 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
     """The training dtype: `auto` is bfloat16 on GPUs that have it (else float16), float32 elsewhere.
 
     On a CPU, bfloat16 must be asked for: autocast runs the Linear layers in bf16 (weights stay
-    fp32), on nanoGPT's CPU quick start 1.2-1.3x the tokens/s of fp32 (an AVX512-BF16 CPU) with the
-    same val loss (docs/benchmarks.md); but a tiny model memorising at lr 1e-2 converged slower with
-    bf16 (test_chat's fixture: 0.29 vs 0.18 val loss over 4 seeds), so it is not the default.
+    fp32), faster than fp32 on CPUs with AVX512-BF16 or AMX at the same val loss on nanoGPT's CPU
+    quick start; but a tiny model memorising at a high lr converged slower with bf16 (test_chat's
+    fixture), so it is not the default. The figures: docs/benchmarks.md.
     """
     if name == "auto":
         if device.type != "cuda":
