@@ -226,7 +226,7 @@ def fine_tune(args: argparse.Namespace, folder: Path, pretrained: Path, seed: in
                 test_data=str(folder / "test.csv"), init_from=str(pretrained), text_column="review",
                 out_dir=str(out), seed=seed, mask_padding=False, max_windows=max_windows,
                 epochs=args.epochs, max_iters=args.max_iters, group_by_length=True, progress=False,
-                device="cpu", dtype=args.dtype,
+                device="cpu", dtype=args.dtype, overwrite=True,  # what a stopped run left
             )
         )  # fmt: skip
     return out
