@@ -15,7 +15,7 @@ ARCHITECTURE = SRC.parent / "docs" / "architecture.md"
 LAYERS = [
     ("ground", ["smallgpt.errors", "smallgpt.io", "smallgpt.progress", "smallgpt.device"]),
     ("data", ["smallgpt.data"]),
-    ("model", ["smallgpt.model"]),
+    ("model", ["smallgpt.model", "smallgpt.model.cache_slots"]),
     ("config", ["smallgpt.config"]),
     ("train", ["smallgpt.train"]),
     ("runs", ["smallgpt.runs"]),
@@ -31,6 +31,7 @@ LAYERS = [
             "smallgpt.export",
             "smallgpt.preparation",
             "smallgpt.serve",
+            "smallgpt.serve.engine",
             "smallgpt.api",
         ],
     ),
@@ -175,3 +176,17 @@ def test_the_cli_imports_every_verb_where_this_test_sees_it():
     imported = {target for target, _, _ in EDGES["smallgpt.cli"]} | {"smallgpt.cli"}
     unseen = sorted({verb.function.__module__ for verb in verbs} - imported)
     assert not unseen, f"smallgpt.cli reaches these verbs' modules without an import statement: {unseen}"
+
+
+def test_only_the_server_runs_a_decode_engine_in_a_process():
+    """decode.py is the engine every front-end shares; its process and IPC (serve/engine.py) are the
+    server's alone, and the engine does not know about them."""
+    users = {
+        module
+        for module, targets in EDGES.items()
+        for target, _, _ in targets
+        if target == "smallgpt.serve.engine"
+    }
+    assert users and all(module.startswith("smallgpt.serve") for module in users), users
+    assert not [t for t, _, _ in EDGES["smallgpt.decode"] if t.startswith("smallgpt.serve")]
+    assert "multiprocessing" not in (SRC / "smallgpt" / "decode.py").read_text(encoding="utf-8")

@@ -28,8 +28,8 @@ from starlette.requests import ClientDisconnect
 
 from smallgpt.chat.format import default_reply_tokens, turns_from_messages
 from smallgpt.data.tokenizers import Unseen
-from smallgpt.decode import QueueFull
 from smallgpt.errors import UserError
+from smallgpt.serve.engine import QueueFull
 from smallgpt.serve.models import Completion, Sampling, ServedModel
 
 STATIC = Path(__file__).parent / "static"

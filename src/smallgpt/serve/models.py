@@ -2,7 +2,7 @@
 
 No web code here: the FastAPI app (serve/app.py) turns requests into calls on `ServedModel` and its
 `Completion`s into JSON or server-sent events. Decoding itself is the shared batched path: every
-model has one decode engine, in a process of its own (decode.EngineProcess), and each completion is
+model has one decode engine, in a process of its own (serve/engine.py), and each completion is
 one of its requests.
 """
 
@@ -19,11 +19,12 @@ import torch
 
 from smallgpt.chat.format import CHAT_TOKENS, ChatFormat, Conversation
 from smallgpt.data.tokenizers import Tokenizer, Unseen
-from smallgpt.decode import CANCELLED, STOP, EngineProcess, SamplingSettings, TokenStream
+from smallgpt.decode import CANCELLED, STOP, SamplingSettings
 from smallgpt.errors import UserError
 from smallgpt.generate import StreamDecoder
 from smallgpt.model.gpt import GPT
 from smallgpt.runs import Precision, load_source
+from smallgpt.serve.engine import EngineProcess, TokenStream
 
 
 @dataclass
