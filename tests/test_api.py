@@ -228,6 +228,10 @@ def test_bad_calls_are_user_errors(text_run, tmp_path):
         smallgpt.load(tmp_path / "nope")
     with pytest.raises(UserError, match="temperature"):
         smallgpt.load(text_run, device="cpu").generate("x", temperature=-1)
+    with pytest.raises(UserError, match="max_new_tokens must be an integer, got '5'"):  # was a TypeError
+        smallgpt.load(text_run, device="cpu").generate("A", max_new_tokens="5")
+    with pytest.raises(UserError, match="seed"):
+        smallgpt.load(text_run, device="cpu").generate("A", seed="1")
     with pytest.raises(UserError, match="n_layer"):
         smallgpt.train(dataset="x", n_layers=2)  # the closest key is named
     with pytest.raises(UserError, match="tokenizr"):

@@ -149,7 +149,7 @@ def test_cli_session_and_server_build_the_same_prompt():
         session.reply(text, _Out())
     conversation = [Turn(SYSTEM, "你好"), *(turn for turn, _ in session.turns[:-1])]
     config = SimpleNamespace(block_size=40)
-    served = ServedModel("chat", SimpleNamespace(config=config), tok, None)  # type: ignore[arg-type]
+    served = ServedModel("chat", SimpleNamespace(config=config), tok, None, 10, 0)  # type: ignore[arg-type]
     prompt, warnings = served.chat_prompt(conversation, 10)
     assert prompt == gen.prompts[-1] and warnings == []
     seen = session.format.decode(prompt)

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from smallgpt import decode
-from smallgpt.decode import DecodeEngine, SamplingSettings, penalize_repeats, sample_next
+from smallgpt.data.tokenizers import CharTokenizer
+from smallgpt.decode import (
+    DecodeEngine,
+    SamplingSettings,
+    SettingError,
+    penalize_repeats,
+    sample_next,
+    suppressed_ids,
+)
 from smallgpt.errors import UserError
 from smallgpt.model.gpt import GPT, ModelConfig
 
@@ -193,8 +201,29 @@ def test_sampling_draws_the_ids_torch_multinomial_draws():
         ([1], SamplingSettings(temperature=-1), "temperature"),
         ([1], SamplingSettings(max_new_tokens=0), "max_new_tokens"),
         ([1], SamplingSettings(top_p=1.5), "top_p"),
+        ([1], SamplingSettings(max_new_tokens="5"), "max_new_tokens must be an integer, got '5'"),
+        ([1], SamplingSettings(max_new_tokens=True), "max_new_tokens must be an integer"),
+        ([1], SamplingSettings(temperature=float("nan")), "temperature must be a number, got nan"),
+        ([1], SamplingSettings(top_k=2.5), "top_k must be an integer"),
+        ([1], SamplingSettings(repetition_penalty="1"), "repetition_penalty must be a number"),
+        ([1], SamplingSettings(seed=-1), r"seed must be in \[0, 2\*\*63\)"),
     ],
 )
 def test_bad_requests_are_user_errors(prompt_ids, settings, fragment):
     with pytest.raises(UserError, match=fragment):
         DecodeEngine(tiny(), max_batch=1).add(prompt_ids, settings)
+
+
+def test_a_bad_setting_names_itself():
+    with pytest.raises(SettingError) as refused:
+        SamplingSettings(top_p=0).validate()
+    assert refused.value.name == "top_p"
+
+
+def test_suppressed_ids_are_specials_but_the_stop_ids_and_rows_past_the_tokenizer():
+    tokenizer = CharTokenizer.from_texts(["ab"])
+    tokenizer.add_special_tokens(["<|x|>"])
+    eot, unk, x = (tokenizer.special_tokens[name] for name in ("<|endoftext|>", "<|unk|>", "<|x|>"))
+    assert tokenizer.vocab_size == 5  # the specials, a, b
+    assert sorted(suppressed_ids(tokenizer, 7, stop_ids=(eot,))) == sorted([unk, x, 5, 6])
+    assert sorted(suppressed_ids(tokenizer, 5, stop_ids=(x,))) == sorted([eot, unk])

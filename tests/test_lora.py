@@ -164,7 +164,8 @@ def test_bad_lora_settings_are_one_line_errors(base_run, char_data, tmp_path, ca
 
 
 def test_export_and_serve_give_the_merged_model(lora_run, tmp_path, capsys):
-    from smallgpt.serve.models import Sampling, load_models
+    from smallgpt.decode import SamplingSettings
+    from smallgpt.serve.models import load_models
 
     unmerged = checkpoint.load_model(checkpoint.find_checkpoint(lora_run), merge=False)
     idx = torch.randint(0, unmerged.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -173,11 +174,11 @@ def test_export_and_serve_give_the_merged_model(lora_run, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, all_logits(unmerged, idx), atol=1e-5, rtol=0)
 
-    models = load_models([str(lora_run)], "", "best", CPU, 2, 2)
+    models = load_models([str(lora_run)], "", "best", CPU, 2, 2, max_tokens_limit=12)
     try:
         [served] = models.values()
         prompt, _ = served.encode("ROMEO:")
-        text = asyncio.run(served.complete(prompt, Sampling(max_tokens=12, temperature=0)).text())
+        text = asyncio.run(served.complete(prompt, SamplingSettings(max_new_tokens=12, temperature=0)).text())
     finally:
         served.scheduler.stop()
     assert len(text) == 12 and text == sampled(capsys, lora_run, "ROMEO:", 12, "--temperature", "0")

@@ -15,6 +15,8 @@ import pytest
 from smallgpt.chat.format import BOT, NO_SYSTEM_TURN, SYSTEM, USER, ChatFormat, Turn
 from smallgpt.cli import main
 from smallgpt.data.tokenizers import load_tokenizer
+from smallgpt.decode import SamplingSettings
+from smallgpt.runs import find_checkpoint
 from smallgpt.serve.models import split_at_stop
 
 SEPARATOR = "\n---------------\n"
@@ -66,6 +68,8 @@ def test_models_are_named_by_their_folders(server, lm_run, lccc_chat_run):
     assert models[lccc_chat_run.name].model_extra["chat"] is True
     assert models[lm_run.name].model_extra["chat"] is False
     assert client(server).models.retrieve(lm_run.name).model_extra["block_size"] == 256
+    # when the run's checkpoint was written (it was 0, whatever the model)
+    assert models[lm_run.name].created == int(find_checkpoint(lm_run).stat().st_mtime) > 0
     assert "page: http://127.0.0.1:" in server.output() and "/v1" in server.output()
 
 
@@ -77,6 +81,59 @@ def test_greedy_completion_is_the_text_sample_prints(server, lm_run, capsys):
     assert done.choices[0].finish_reason == "length"
     assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (6, 30, 36)
     assert stream_text(server, **greedy) == (expected, "length")
+
+
+def test_a_completion_longer_than_the_context_slides_as_sample_does(server, lm_run, capsys):
+    """block_size is 256: the window slides past it, as `smallgpt sample` does (it was a 400)."""
+    expected = sampled(capsys, lm_run, "ROMEO:", 300, "--temperature", "0")
+    greedy = {"model": lm_run.name, "prompt": "ROMEO:", "max_tokens": 300, "temperature": 0}
+    done = client(server).completions.create(**greedy)
+    assert done.choices[0].text == expected and len(expected) == 300  # a char model: a character a token
+    assert (done.usage.completion_tokens, done.choices[0].finish_reason) == (300, "length")
+    assert stream_text(server, **greedy) == (expected, "length")
+
+
+def test_warnings_come_once_in_a_stream(server, lm_run):
+    """The warning that a long prompt was cut is in the stream's first chunk only (it was in each)."""
+    request = {"model": lm_run.name, "prompt": "ROMEO: " * 100, "max_tokens": 5, "stream": True}
+    response = send(server, "POST", "/v1/completions", request)
+    events = response.read().decode().split("\n\n")
+    chunks = [json.loads(e[len("data: ") :]) for e in events if e.startswith("data: {")]
+    assert len(chunks) == 6 and events[-2] == "data: [DONE]"  # 5 tokens, then the finish_reason
+    assert "only its last 256 were used" in chunks[0]["warnings"][0]
+    assert [c for c in chunks[1:] if "warnings" in c] == []
+
+
+def test_the_server_never_samples_embedding_rows_past_the_tokenizer(lm_run, tmp_path):
+    """A vocabulary padded past the tokenizer's (GPT-2's 50257 -> 50304) leaves rows with no text:
+    the server suppresses them as `smallgpt sample` does (its own copy of the rule did not)."""
+    import torch
+
+    from smallgpt.data.tokenizers import load_tokenizer, save_tokenizer
+    from smallgpt.model.gpt import GPT, ModelConfig
+    from smallgpt.serve.models import load_models
+    from smallgpt.train import checkpoint
+
+    tokenizer = load_tokenizer(lm_run / "tokenizer.json")
+    config = ModelConfig(block_size=16, vocab_size=tokenizer.vocab_size + 13, n_layer=1, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():  # every position's hidden state is v: the padding rows' logits are the largest
+        v = torch.randn(16)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(v)
+        model.lm_head.weight[tokenizer.vocab_size :] = 10 * v
+        model.lm_head.weight[tokenizer.encode("a")] = 5 * v  # then this ordinary one
+    tags = {"tokenizer_fingerprint": tokenizer.fingerprint()}
+    run = tmp_path / "padded"
+    checkpoint.write_checkpoint(run / "ckpt" / "best", checkpoint.model_weights(model), config, {}, tags)
+    save_tokenizer(tokenizer, run / "tokenizer.json")
+    models = load_models([str(run)], "", "best", torch.device("cpu"), 1, 1, max_tokens_limit=10)
+    try:
+        greedy = SamplingSettings(max_new_tokens=10, temperature=0)
+        assert asyncio.run(models["padded"].complete([0], greedy).text()) == "a" * 10
+    finally:
+        models["padded"].scheduler.stop()
 
 
 def test_seeded_sampling_is_the_text_sample_prints(server, lm_run, capsys):
@@ -268,20 +325,15 @@ def test_serve_loads_models_with_the_precision_flags(lm_run):
 
     from smallgpt.model.quantize import Int8Linear
     from smallgpt.runs import Precision
-    from smallgpt.serve.models import Sampling, load_models
+    from smallgpt.serve.models import load_models
 
-    models = load_models([str(lm_run)], "", "best", torch.device("cpu"), 2, 2, Precision(quantize="int8"))
+    precision = Precision(quantize="int8")
+    models = load_models([str(lm_run)], "", "best", torch.device("cpu"), 2, 2, precision, max_tokens_limit=9)
     try:
         [served] = models.values()
         assert isinstance(served.model.lm_head, Int8Linear)
-        assert (
-            len(
-                asyncio.run(
-                    served.complete(served.encode("ROMEO:")[0], Sampling(max_tokens=5, temperature=0)).text()
-                )
-            )
-            == 5
-        )
+        greedy = SamplingSettings(max_new_tokens=5, temperature=0)
+        assert len(asyncio.run(served.complete(served.encode("ROMEO:")[0], greedy).text())) == 5
     finally:
         for served in models.values():
             served.scheduler.stop()
@@ -291,15 +343,15 @@ def test_init_from_serves_a_transformers_folder_named_after_it(lm_run, tmp_path)
     import torch
 
     from smallgpt.export import ExportArgs, export
-    from smallgpt.serve.models import Sampling, load_models
+    from smallgpt.serve.models import load_models
 
     exported = export(ExportArgs(run=str(lm_run), out=str(tmp_path / "exported")))
-    models = load_models([str(lm_run)], str(exported), "best", torch.device("cpu"), 2, 2)
+    models = load_models([str(lm_run)], str(exported), "best", torch.device("cpu"), 2, 2, max_tokens_limit=20)
     try:
         assert list(models) == [lm_run.name, "exported"]
         assert all(isinstance(m.model.lm_head, torch.nn.Linear) for m in models.values())
         texts = [
-            asyncio.run(m.complete(m.encode("ROMEO:")[0], Sampling(max_tokens=20, temperature=0)).text())
+            asyncio.run(m.complete(m.encode("ROMEO:")[0], SamplingSettings(20, temperature=0)).text())
             for m in models.values()
         ]
         assert texts[0] == texts[1] and len(texts[0]) == 20

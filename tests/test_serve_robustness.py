@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 
 from test_serve import client, health, send, stream_text
 
+from smallgpt.serve import ServeArgs
+
 
 def bad_requests(lm: str, chat: str) -> list[tuple[str, str, bytes, int]]:
     """(method, path, body, expected status): at least 200 of them, the same on every run."""
@@ -23,7 +25,7 @@ def bad_requests(lm: str, chat: str) -> list[tuple[str, str, bytes, int]]:
     wrong = {
         "model": [1, None, [], True],
         "prompt": [1, None, {}, [1.5], [[]], [True], [], [10**9], ["ok", 3]],
-        "max_tokens": ["10", 1.5, True, [], 0, -1, 10**6, 256],
+        "max_tokens": ["10", 1.5, True, [], 0, -1, 10**6, ServeArgs().max_tokens_limit + 1],
         "temperature": ["hot", -0.1, -1, True, []],
         "top_p": [0, 1.5, -1, "1", True],
         "top_k": [0, -5, 1.5, "5"],
@@ -130,10 +132,10 @@ def test_prompt_longer_than_the_context_keeps_its_end_and_says_so(server, lm_run
     done = client(server).completions.create(
         model=lm_run.name, prompt=long_prompt, max_tokens=56, temperature=0
     )
-    assert done.usage.prompt_tokens == 256 - 56
-    assert "only its last 200 were used" in done.model_extra["warnings"][0]
+    assert done.usage.prompt_tokens == 256  # the model's context (a char model: one token a character)
+    assert "only its last 256 were used" in done.model_extra["warnings"][0]
     tail = client(server).completions.create(
-        model=lm_run.name, prompt=long_prompt[-200:], max_tokens=56, temperature=0
+        model=lm_run.name, prompt=long_prompt[-256:], max_tokens=56, temperature=0
     )
     assert tail.choices[0].text == done.choices[0].text and "warnings" not in tail.model_extra
 

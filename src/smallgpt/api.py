@@ -53,7 +53,7 @@ class Model:
     def _sampling(self, seed: int | None, **settings: Any) -> Generator:
         """The generator, set up for one call."""
         options = dataclasses.replace(self._generator.options, **settings)
-        options.validate()
+        dataclasses.replace(options.settings(), seed=seed).validate()  # every setting's one check
         self._generator.options = options
         if seed is None:
             self._generator.rng.seed()

@@ -16,6 +16,7 @@ through serve/engine.py (an engine in a process of its own).
 
 from __future__ import annotations
 
+import math
 import types
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from smallgpt.data.tokenizers import Tokenizer
 from smallgpt.errors import UserError
 from smallgpt.model.cache_slots import AllSlots
 from smallgpt.model.gpt import GPT, KVCache
@@ -32,9 +34,22 @@ STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # why a request ended
 COMPILE_BACKEND = "inductor"  # torch.compile's; tests use a faster one
 
 
+MAX_SEED = 2**63  # seeds are 0 .. 2**63 - 1
+
+
+class SettingError(UserError):
+    """A sampling setting of the wrong type or out of its range; `name` says which (the server's
+    400 names it as its `param`)."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name} {problem}")
+        self.name = name
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How one request picks its tokens; every row of a batch has its own."""
+    """How one request picks its tokens; every row of a batch has its own. The one home of the
+    sampling settings and their checks: sample, continue, chat, the Python API and the server."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0  # 0: greedy
@@ -42,20 +57,41 @@ class SamplingSettings:
     top_p: float | None = None  # nucleus: the smallest set of tokens with this total probability
     repetition_penalty: float = 1.0  # above 1 makes tokens already in the context less likely
     stop_ids: tuple[int, ...] = ()  # the request ends with the first of these it produces
-    suppress_ids: tuple[int, ...] = ()  # never produced (e.g. the unknown-character token)
+    suppress_ids: tuple[int, ...] = ()  # never produced: see `suppressed_ids`
     seed: int | None = None  # the request's own random generator; None: torch's global one
 
     def validate(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise UserError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UserError(f"temperature must not be negative, got {self.temperature}")
-        if self.top_k is not None and self.top_k <= 0:
-            raise UserError(f"top_k must be positive, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        """SettingError for a value of the wrong type (a string for a number) or out of its range."""
+        if _number("max_new_tokens", self.max_new_tokens, whole=True) <= 0:
+            raise SettingError("max_new_tokens", f"must be positive, got {self.max_new_tokens}")
+        if _number("temperature", self.temperature) < 0:
+            raise SettingError("temperature", f"must not be negative, got {self.temperature}")
+        if self.top_k is not None and _number("top_k", self.top_k, whole=True) <= 0:
+            raise SettingError("top_k", f"must be positive, got {self.top_k}")
+        if self.top_p is not None and not 0 < _number("top_p", self.top_p) <= 1:
+            raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if _number("repetition_penalty", self.repetition_penalty) <= 0:
+            raise SettingError("repetition_penalty", f"must be positive, got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= _number("seed", self.seed, whole=True) < MAX_SEED:
+            raise SettingError("seed", f"must be in [0, 2**63), got {self.seed}")
+
+
+def _number(name: str, value: object, whole: bool = False) -> float:
+    """`value` if it is a finite number (an int when `whole`; a bool is neither), else SettingError."""
+    kinds: tuple[type, ...] = (int,) if whole else (int, float)
+    number = isinstance(value, kinds) and not isinstance(value, bool)
+    if not number or (isinstance(value, float) and not math.isfinite(value)):
+        kind = "an integer" if whole else "a number"
+        raise SettingError(name, f"must be {kind}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def suppressed_ids(tokenizer: Tokenizer, model_vocab_size: int, stop_ids: Sequence[int]) -> tuple[int, ...]:
+    """The ids a model must never produce: special tokens other than the ones that end the text,
+    and embedding rows past the tokenizer's vocabulary (e.g. GPT-2's 50257 padded to 50304), which
+    have no text to decode to. The one rule of sample, continue, chat, the Python API and the server."""
+    special = (i for i in tokenizer.special_tokens.values() if i not in stop_ids)
+    return (*special, *range(tokenizer.vocab_size, model_vocab_size))
 
 
 def check_request(vocab_size: int, prompt_ids: Sequence[int], settings: SamplingSettings) -> None:

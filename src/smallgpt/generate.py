@@ -10,7 +10,7 @@ from typing import TextIO
 import torch
 
 from smallgpt.data.tokenizers import Tokenizer
-from smallgpt.decode import DecodeEngine, SamplingSettings
+from smallgpt.decode import DecodeEngine, SamplingSettings, suppressed_ids
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
 from smallgpt.io import read_user_text
@@ -128,17 +128,12 @@ class Generator:
             (notice or print_note)(note)
         return ids.tolist() or [self.tokenizer.eot_id]  # an empty start means "a new document"
 
-    def suppress_ids(self, stop_ids: tuple[int, ...]) -> tuple[int, ...]:
-        """Ids the model must not produce: special tokens other than the ones that end the text, and
-        embedding rows past the tokenizer's vocabulary (e.g. GPT-2's 50257 padded to 50304), which
-        have no text to decode to."""
-        special = (i for i in self.tokenizer.special_tokens.values() if i not in stop_ids)
-        return (*special, *range(self.tokenizer.vocab_size, self.model.config.vocab_size))
-
     def stream(self, ids: Sequence[int], stop_ids: tuple[int, ...] | None = None) -> Iterator[int]:
         """Yield new token ids after `ids`, ending with end-of-text (or one of the given stop ids)."""
         stop_ids = (self.tokenizer.eot_id,) if stop_ids is None else stop_ids
-        settings = self.options.settings(stop_ids, self.suppress_ids(stop_ids))
+        settings = self.options.settings(
+            stop_ids, suppressed_ids(self.tokenizer, self.model.config.vocab_size, stop_ids)
+        )
         yield from self.engine.generate(ids, settings, self.rng)
 
     def text_stream(

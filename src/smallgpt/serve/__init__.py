@@ -34,6 +34,13 @@ class ServeArgs(Precision):
     max_queue: int = field(
         default=64, metadata={"help": "requests waiting for a batch slot before new ones get 503"}
     )
+    max_tokens_limit: int = field(
+        default=4096,
+        metadata={
+            "help": "the most tokens one completion may ask for (max_tokens); past the model's "
+            "context the window slides, as in `smallgpt sample`"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     checkpoint: str = field(default="best", metadata={"help": "which checkpoint of each run: best | last"})
     compile: bool = field(
@@ -44,8 +51,8 @@ class ServeArgs(Precision):
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise UserError(f"port must be in 0..65535, got {self.port}")
-        if self.max_batch < 1 or self.max_queue < 1:
-            raise UserError("max-batch and max-queue must be 1 or more")
+        if self.max_batch < 1 or self.max_queue < 1 or self.max_tokens_limit < 1:
+            raise UserError("max-batch, max-queue and max-tokens-limit must be 1 or more")
 
 
 def serve(args: ServeArgs) -> None:
@@ -65,7 +72,15 @@ def serve(args: ServeArgs) -> None:
     check_can_listen(args.host, args.port)
     device = resolve_device(args.device)
     models = load_models(
-        args.run, args.init_from, args.checkpoint, device, args.max_batch, args.max_queue, args, args.compile
+        args.run,
+        args.init_from,
+        args.checkpoint,
+        device,
+        args.max_batch,
+        args.max_queue,
+        args,
+        args.compile,
+        max_tokens_limit=args.max_tokens_limit,
     )
     app = create_app(models, args.api_key)
     base = f"http://{args.host if ':' not in args.host else f'[{args.host}]'}:{args.port}"

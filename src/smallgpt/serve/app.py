@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -28,15 +27,16 @@ from starlette.requests import ClientDisconnect
 
 from smallgpt.chat.format import default_reply_tokens, turns_from_messages
 from smallgpt.data.tokenizers import Unseen
+from smallgpt.decode import MAX_SEED, SamplingSettings, SettingError
 from smallgpt.errors import UserError
 from smallgpt.serve.engine import QueueFull
-from smallgpt.serve.models import Completion, Sampling, ServedModel
+from smallgpt.serve.models import Completion, ServedModel
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1 << 20  # bytes: far more than any prompt a block_size of context can use
 MAX_CHOICES = 8  # n, and prompts x n, per request
 MAX_STOP = 4  # stop texts, as OpenAI allows
-MAX_SEED = 2**63
+PARAMS = {"max_new_tokens": "max_tokens"}  # a sampling setting's name -> the request field's
 log = logging.getLogger("smallgpt.serve")
 
 
@@ -61,7 +61,7 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-# ---- request bodies: types are strict (a string is not a number); ranges are checked in `sampling`
+# ---- request bodies: types are strict (a string is not a number); values are checked in `sampling`
 
 
 class Body(BaseModel):
@@ -152,30 +152,16 @@ def check_strings(value: Any, path: str = "") -> None:
             check_strings(item, f"{path}.{i}")
 
 
-def sampling(body: Body, served: ServedModel, max_tokens: int | None, default_max: int) -> Sampling:
-    """The request's sampling settings, each checked against its range."""
+def sampling(
+    body: Body, served: ServedModel, max_tokens: int | None, default_max: int
+) -> tuple[SamplingSettings, list[str]]:
+    """The request's sampling settings, checked by SamplingSettings.validate as every front-end's
+    are, and its stop texts; the limits only HTTP has (max_tokens, stop, n) are checked here."""
     max_tokens = default_max if max_tokens is None else max_tokens
     limit = served.max_tokens_limit
     if not 1 <= max_tokens <= limit:
-        raise ApiError(
-            400,
-            f"max_tokens must be between 1 and {limit} (model {served.name!r} has a context of "
-            f"{served.block_size} tokens), got {max_tokens}",
-            "max_tokens",
-        )
-    temperature = 1.0 if body.temperature is None else body.temperature
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ApiError(400, f"temperature must be 0 or more, got {temperature}", "temperature")
-    top_p = 1.0 if body.top_p is None else body.top_p
-    if not 0 < top_p <= 1:
-        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
-    if body.top_k is not None and body.top_k < 1:
-        raise ApiError(400, f"top_k must be 1 or more, got {body.top_k}", "top_k")
-    penalty = 1.0 if body.repetition_penalty is None else body.repetition_penalty
-    if not math.isfinite(penalty) or penalty <= 0:
-        raise ApiError(400, f"repetition_penalty must be above 0, got {penalty}", "repetition_penalty")
-    if body.seed is not None and not 0 <= body.seed < MAX_SEED:
-        raise ApiError(400, f"seed must be in [0, 2**63), got {body.seed}", "seed")
+        message = f"max_tokens must be between 1 and {limit} (the server's limit), got {max_tokens}"
+        raise ApiError(400, message, "max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     if len(stop) > MAX_STOP or any(not s for s in stop):
         raise ApiError(400, f"stop takes at most {MAX_STOP} non-empty texts", "stop")
@@ -184,8 +170,19 @@ def sampling(body: Body, served: ServedModel, max_tokens: int | None, default_ma
     for name in ("logprobs", "echo", "suffix", "tools"):
         if getattr(body, name, None) not in (None, False, 0):
             raise ApiError(400, f"{name} is not supported by smallgpt serve", name)
-    seed = secrets.randbelow(MAX_SEED) if body.seed is None else body.seed
-    return Sampling(max_tokens, temperature, top_p, body.top_k, penalty, seed, stop)
+    settings = SamplingSettings(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        seed=secrets.randbelow(MAX_SEED) if body.seed is None else body.seed,
+    )
+    try:
+        settings.validate()
+    except SettingError as e:
+        raise ApiError(400, str(e), PARAMS.get(e.name, e.name)) from None
+    return settings, stop
 
 
 def completion_prompts(body: CompletionBody, served: ServedModel, warnings: list[str]) -> list[list[int]]:
@@ -231,18 +228,18 @@ class Job:
         self.prompt_tokens = 0
         self.warnings: list[str] = []
 
-    def submit(self, prompts: list[list[int]], settings: Sampling, n: int) -> None:
+    def submit(self, prompts: list[list[int]], settings: SamplingSettings, stop: list[str], n: int) -> None:
         """Queue n choices per prompt; choice i samples with seed + i, so the choices differ."""
         if len(prompts) * n > MAX_CHOICES:
             raise ApiError(400, f"prompts x n must be at most {MAX_CHOICES}", "n")
         try:
             for ids in prompts:
-                ids, note = self.served.fit_prompt(ids, settings.max_tokens)
+                ids, note = self.served.fit_prompt(ids)
                 self.warnings += [note] if note else []
                 self.prompt_tokens += len(ids)
                 for i in range(n):
-                    seeded = dataclasses.replace(settings, seed=(settings.seed + i) % MAX_SEED)
-                    self.choices.append(self.served.complete(ids, seeded, chat=self.chat))
+                    seeded = dataclasses.replace(settings, seed=((settings.seed or 0) + i) % MAX_SEED)
+                    self.choices.append(self.served.complete(ids, seeded, stop, chat=self.chat))
         except QueueFull:
             self.cancel()
             raise ApiError(
@@ -269,8 +266,12 @@ class Job:
         }
 
     def head(self, kind: str) -> dict[str, Any]:
-        head = {"id": self.id, "object": kind, "created": self.created, "model": self.served.name}
-        return head | ({"warnings": self.warnings} if self.warnings else {})
+        """The fields every response or chunk starts with; `warnings` only in the first of them."""
+        head: dict[str, Any] = {"id": self.id, "object": kind, "created": self.created}
+        head["model"] = self.served.name
+        if self.warnings:
+            head["warnings"], self.warnings = self.warnings, []
+        return head
 
     def choice(self, index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
         if not self.chat:
@@ -407,9 +408,9 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None) -> Fa
         authorize(request)
         body = await read_body(request, CompletionBody)
         served = find(body.model)
-        settings = sampling(body, served, body.max_tokens, default_max=min(16, served.max_tokens_limit))
+        settings, stop = sampling(body, served, body.max_tokens, default_max=min(16, served.max_tokens_limit))
         job = Job(served, chat=False)
-        job.submit(completion_prompts(body, served, job.warnings), settings, body.n)
+        job.submit(completion_prompts(body, served, job.warnings), settings, stop, body.n)
         return await respond(job, body)
 
     @app.post("/v1/chat/completions")
@@ -425,12 +426,12 @@ def create_app(models: dict[str, ServedModel], api_key: str | None = None) -> Fa
                 "not_a_chat_model",
             )
         default_max = default_reply_tokens(served.block_size)
-        settings = sampling(body, served, body.max_completion_tokens or body.max_tokens, default_max)
+        settings, stop = sampling(body, served, body.max_completion_tokens or body.max_tokens, default_max)
         job = Job(served, chat=True)
         with param_errors("messages"):
             conversation = turns_from_messages([m.model_dump() for m in body.messages])
-            prompt, job.warnings = served.chat_prompt(conversation, settings.max_tokens)
-        job.submit([prompt], settings, body.n)
+            prompt, job.warnings = served.chat_prompt(conversation, settings.max_new_tokens)
+        job.submit([prompt], settings, stop, body.n)
         return await respond(job, body)
 
     return app

@@ -3,41 +3,30 @@
 No web code here: the FastAPI app (serve/app.py) turns requests into calls on `ServedModel` and its
 `Completion`s into JSON or server-sent events. Decoding itself is the shared batched path: every
 model has one decode engine, in a process of its own (serve/engine.py), and each completion is
-one of its requests.
+one of its requests. A completion may run past the model's context: the engine slides its window,
+as `smallgpt sample` does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from smallgpt.chat.format import CHAT_TOKENS, ChatFormat, Conversation
 from smallgpt.data.tokenizers import Tokenizer, Unseen
-from smallgpt.decode import CANCELLED, STOP, SamplingSettings
+from smallgpt.decode import CANCELLED, STOP, SamplingSettings, suppressed_ids
 from smallgpt.errors import UserError
 from smallgpt.generate import StreamDecoder
 from smallgpt.model.gpt import GPT
-from smallgpt.runs import Precision, load_source
+from smallgpt.runs import Precision, find_checkpoint, load_source
 from smallgpt.serve.engine import EngineProcess, TokenStream
-
-
-@dataclass
-class Sampling:
-    """A request's sampling settings, already checked (see app.py)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    stop: list[str] = field(default_factory=list)  # texts that end the completion (not included)
 
 
 class Completion:
@@ -155,16 +144,22 @@ def split_at_stop(text: str, stop: Sequence[str], final: bool = False) -> tuple[
 class ServedModel:
     """A loaded run (or Hugging Face model) under a name, with its own batch scheduler."""
 
-    def __init__(self, name: str, model: GPT, tokenizer: Tokenizer, scheduler: EngineProcess):
+    def __init__(
+        self,
+        name: str,
+        model: GPT,
+        tokenizer: Tokenizer,
+        scheduler: EngineProcess,
+        max_tokens_limit: int,
+        created: int,
+    ):
         self.name, self.model, self.tokenizer, self.scheduler = name, model, tokenizer, scheduler
         self.block_size = model.config.block_size
+        # the longest completion: the server's limit (--max-tokens-limit), not the context, which slides
+        self.max_tokens_limit = max_tokens_limit
+        self.created = created  # Unix time of the checkpoint (or of loading a Hugging Face model)
         is_chat = all(t in tokenizer.special_tokens for t in CHAT_TOKENS)
         self.chat = ChatFormat(tokenizer) if is_chat else None
-
-    @property
-    def max_tokens_limit(self) -> int:
-        """The longest completion: the context less one prompt token."""
-        return self.block_size - 1
 
     def encode(self, text: str) -> tuple[list[int], Unseen]:
         """Token ids of a prompt (an empty one means "a new document"), and the characters the model
@@ -172,16 +167,18 @@ class ServedModel:
         ids, unseen = self.tokenizer.encode_user_text(text)
         return ids.tolist() or [self.tokenizer.eot_id], unseen
 
-    def fit_prompt(self, ids: list[int], max_tokens: int) -> tuple[list[int], str | None]:
-        """The prompt's last tokens that fit next to max_tokens new ones, and a note when some were cut."""
-        room = self.block_size - max_tokens
-        if len(ids) <= room:
+    def fit_prompt(self, ids: list[int]) -> tuple[list[int], str | None]:
+        """The prompt's last tokens that fit in the model's context, and a note when some were cut.
+
+        The completion then slides the window along (as `smallgpt sample` does), however long it is.
+        """
+        if len(ids) <= self.block_size:
             return ids, None
         note = (
-            f"the prompt has {len(ids)} tokens; only its last {room} were used "
-            f"(the model's context of {self.block_size} tokens less max_tokens {max_tokens})"
+            f"the prompt has {len(ids)} tokens; only its last {self.block_size} were used "
+            f"(the model's context)"
         )
-        return ids[-room:], note
+        return ids[-self.block_size :], note
 
     def chat_prompt(self, conversation: Conversation, max_tokens: int) -> tuple[list[int], list[str]]:
         """The run's turn format for a conversation (`chat.format.turns_from_messages`), ending with
@@ -196,20 +193,15 @@ class ServedModel:
     def stop_ids(self, chat: bool) -> tuple[int, ...]:
         return self.chat.stop_ids if chat and self.chat else (self.tokenizer.eot_id,)
 
-    def complete(self, prompt_ids: list[int], sampling: Sampling, chat: bool = False) -> Completion:
-        """Queue one completion of `prompt_ids`; QueueFull when the scheduler has no room."""
+    def complete(
+        self, prompt_ids: list[int], settings: SamplingSettings, stop: Sequence[str] = (), chat: bool = False
+    ) -> Completion:
+        """Queue one completion of `prompt_ids`, ending at the model's end-of-text (end-of-turn for a
+        chat) or a `stop` text; QueueFull when the scheduler has no room."""
         stop_ids = self.stop_ids(chat)
-        settings = SamplingSettings(
-            max_new_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p if sampling.top_p < 1 else None,
-            repetition_penalty=sampling.repetition_penalty,
-            seed=sampling.seed,
-            stop_ids=stop_ids,
-            suppress_ids=tuple(i for i in self.tokenizer.special_tokens.values() if i not in stop_ids),
-        )
-        return Completion(self.scheduler.submit(prompt_ids, settings), self.tokenizer, sampling.stop)
+        suppress_ids = suppressed_ids(self.tokenizer, self.model.config.vocab_size, stop_ids)
+        settings = dataclasses.replace(settings, stop_ids=stop_ids, suppress_ids=suppress_ids)
+        return Completion(self.scheduler.submit(prompt_ids, settings), self.tokenizer, list(stop))
 
     def stats(self) -> dict:
         """Requests now, and batching so far, for /health: steps, tokens, steps per batch size."""
@@ -228,7 +220,7 @@ class ServedModel:
         return {
             "id": self.name,
             "object": "model",
-            "created": 0,
+            "created": self.created,
             "owned_by": "smallgpt",
             "chat": self.chat is not None,
             "block_size": self.block_size,
@@ -250,6 +242,8 @@ def load_models(
     max_queue: int,
     precision: Precision | None = None,
     compile: bool = False,
+    *,
+    max_tokens_limit: int,
 ) -> dict[str, ServedModel]:
     precision = precision or Precision()
     sources = [(run, "") for run in runs] + ([("", init_from)] if init_from else [])
@@ -261,7 +255,7 @@ def load_models(
         if name in models:
             raise UserError(f"two models would be named {name!r}: serve runs whose folders differ in name")
         model, tokenizer = load_source(run, hf, which, device, precision.dtype, precision.quantize)
-        models[name] = ServedModel(
-            name, model, tokenizer, EngineProcess(model, max_batch, max_queue, compile)
-        )
+        created = find_checkpoint(run, which).stat().st_mtime if run else time.time()
+        engine = EngineProcess(model, max_batch, max_queue, compile)
+        models[name] = ServedModel(name, model, tokenizer, engine, max_tokens_limit, int(created))
     return models
