@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 let models = [];
 let history = []; // chat messages: {role, content}
 let running = null; // AbortController of the request in flight
+const MAX_TOKENS = 200; // the slider's default; a completion longer than the context slides the window
 
 const sliders = ["temperature", "top-k", "top-p", "max-tokens"];
 for (const id of sliders) {
@@ -23,6 +24,11 @@ function headers() {
 function showError(message) {
   $("error").textContent = message || "";
   $("error").hidden = !message;
+}
+
+function showWarnings(warnings) {
+  $("warning").textContent = warnings.join(" ");
+  $("warning").hidden = !warnings.length;
 }
 
 async function loadModels() {
@@ -45,9 +51,10 @@ function current() {
 function selectModel() {
   const model = current();
   if (!model) return;
+  // a chat's prompt and reply share the context: a reply of half of it leaves the other half to the turns
+  const preferred = model.chat ? Math.floor(model.block_size / 2) : MAX_TOKENS;
   $("max-tokens").max = model.max_tokens;
-  if (+$("max-tokens").value > model.max_tokens) $("max-tokens").value = model.max_tokens;
-  if (model.chat) $("max-tokens").value = Math.min(+$("max-tokens").value, Math.floor(model.block_size / 2));
+  $("max-tokens").value = Math.min(preferred, model.max_tokens);
   $("max-tokens").dispatchEvent(new Event("input"));
   $("kind").textContent = model.chat ? "chat model" : "language model";
   $("chat-view").hidden = !model.chat;
@@ -67,13 +74,16 @@ function settings() {
   };
 }
 
-// POST a streamed request; onText gets each piece of text. Resolves to {tokens, seconds}.
+// POST a streamed request; onText gets each piece of text, the response's warnings are shown.
+// Resolves to {tokens, seconds, failed}: failed when the server refused it or it broke (not Stop).
 async function stream(path, body, onText) {
   running = new AbortController();
   setBusy(true);
   showError("");
+  showWarnings([]);
   const start = performance.now();
   let tokens = 0;
+  let failed = false;
   try {
     const response = await fetch(path, {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: running.signal,
@@ -96,6 +106,7 @@ async function stream(path, body, onText) {
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
+        if (chunk.warnings) showWarnings(chunk.warnings);
         for (const choice of chunk.choices) {
           const text = choice.text ?? (choice.delta && choice.delta.content);
           if (text) onText(text);
@@ -103,12 +114,13 @@ async function stream(path, body, onText) {
       }
     }
   } catch (e) {
-    if (e.name !== "AbortError") showError(e.message);
+    failed = e.name !== "AbortError";
+    if (failed) showError(e.message);
   } finally {
     running = null;
     setBusy(false);
   }
-  return { tokens, seconds: (performance.now() - start) / 1000 };
+  return { tokens, seconds: (performance.now() - start) / 1000, failed };
 }
 
 function setBusy(busy) {
@@ -148,16 +160,23 @@ async function send(event) {
   const content = $("message").value.trim();
   if (!content || running) return;
   $("message").value = "";
-  history.push({ role: "user", content });
-  addTurn("user", content);
+  const message = { role: "user", content };
+  const asked = addTurn("user", content);
   const reply = addTurn("assistant", "");
   let answer = "";
-  const result = await stream("/v1/chat/completions", { ...settings(), messages: history }, (piece) => {
+  const result = await stream("/v1/chat/completions", { ...settings(), messages: [...history, message] }, (piece) => {
     answer += piece;
     reply.textContent = answer;
     $("history").scrollTop = $("history").scrollHeight;
   });
-  history.push({ role: "assistant", content: answer });
+  if (result.failed) {
+    // refused (e.g. too long for the context): the conversation stays as it was, the message back in the box
+    asked.remove();
+    reply.remove();
+    $("message").value = content;
+    return;
+  }
+  history.push(message, { role: "assistant", content: answer });
   $("chat-stats").textContent = rate(result);
 }
 
