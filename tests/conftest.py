@@ -126,7 +126,7 @@ def lccc_chat_run(tmp_path_factory, shared_data) -> Path:
 class ServerProcess:
     """`smallgpt serve` in a child process on a free port of 127.0.0.1; stopped by `close()`."""
 
-    def __init__(self, log: Path, *args: str):
+    def __init__(self, log: Path, *args: str, cwd: Path | None = None):
         import socket
         import subprocess
         import sys
@@ -139,7 +139,7 @@ class ServerProcess:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
         command = [sys.executable, "-m", "smallgpt", "serve", "--port", str(port), "--device", "cpu", *args]
         with open(log, "w") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         self.wait_until_up()
 
     def wait_until_up(self, timeout: float = 120) -> None:

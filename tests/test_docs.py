@@ -1,13 +1,15 @@
 """The docs stay true to the repo: README.md and docs/*.md link only to files and headings that exist,
-the README stays short, and every `smallgpt ...` command in their bash blocks parses with today's CLI."""
+the README stays short, and every `smallgpt ...` command in their bash blocks parses with today's CLI.
+The README's own prepare, train, serve, curl and `openai` commands run, in order."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 from pathlib import Path
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
@@ -211,3 +213,54 @@ def test_documented_command_parses(doc, argv, cli_parser, monkeypatch):
         cli_parser.parse_args(argv)
     except SystemExit:
         pytest.fail(f"{doc}: `smallgpt {' '.join(argv)}` does not parse (see stderr)")
+
+
+def readme_block(language: str, containing: str) -> str:
+    """The first code block of the README in `language` that contains `containing`."""
+    blocks = split_fences((REPO / "README.md").read_text(encoding="utf-8"))[1]
+    texts = ["\n".join(lines) for info, lines in blocks if info == language]
+    return next(text for text in texts if containing in text)
+
+
+def test_readme_commands_run_in_order(tmp_path, monkeypatch, shared_data):
+    """The README as a new user follows it: its prepare and train commands (training shortened with
+    --max_iters), then its serve command, its curl and its `openai` example, unchanged but for the port.
+    The README's model has a context of 64 tokens and the examples ask for 100: the window slides."""
+    import subprocess
+    import sys
+
+    from conftest import ServerProcess
+
+    from smallgpt.cli import main
+
+    work = tmp_path / "repo"  # a checkout's root: configs/ and ../shared/data as in the README
+    work.mkdir()
+    (work / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "shared").symlink_to(shared_data.parent)
+    cache = tmp_path / "cache" / "tinyshakespeare"  # `prepare tinyshakespeare` finds it downloaded
+    cache.mkdir(parents=True)
+    (cache / "input.txt").symlink_to(shared_data / "tinyshakespeare" / "input.txt")
+    monkeypatch.setenv("SMALLGPT_CACHE", str(cache.parent))
+    monkeypatch.chdir(work)
+    commands = [argv for argv in smallgpt_commands(REPO / "README.md") if argv[0] in ("prepare", "train")]
+    assert [argv[0] for argv in commands] == ["prepare", "train", "prepare", "train"]
+    for argv in commands:
+        shortened = ["--max_iters=3", "--progress=false"] if argv[0] == "train" else []
+        assert main([*argv, *shortened]) == 0, argv
+
+    [serve] = [argv for argv in smallgpt_commands(REPO / "README.md") if argv[0] == "serve"]
+    server = ServerProcess(tmp_path / "serve.log", *serve[1:], cwd=work)  # on a port of its own
+    try:
+        here = urlsplit(server.base_url).netloc
+        curl = readme_block("bash", "curl ").split("\n", 1)[1].replace("127.0.0.1:8000", here)
+        done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.endswith("data: [DONE]\n\n"), done
+        events = [json.loads(e[6:]) for e in done.stdout.split("\n\n") if e.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+        assert sum(len(e["choices"][0]["text"]) for e in events) <= 100  # a char model: a character a token
+        python = readme_block("python", "from openai import OpenAI").replace("127.0.0.1:8000", here)
+        done = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout, done
+    finally:
+        server.close()
+    assert "Traceback" not in server.output()
