@@ -1,6 +1,7 @@
 """The web page of `smallgpt serve` in a real headless Chromium (Debian's `chromium` package, driven
 by playwright): streamed completion, stop, and a chat round trip (screenshots of both); a refused chat
-message leaves the conversation as it was; the default settings keep a whole prompt; warnings shown."""
+message leaves the conversation as it was, and unseen characters get a reply; the default settings
+keep a whole prompt; warnings shown."""
 
 import json
 import re
@@ -82,6 +83,13 @@ def test_a_refused_chat_message_leaves_the_conversation_as_it_was(browser, serve
     turns = page.locator("#history .turn")
     assert turns.count() == 2 and turns.nth(0).text_content() == "你好" and turns.nth(1).text_content()
     assert page.is_hidden("#error")
+    page.fill("#message", "☃你好")  # a character the model never saw: read as <|unk|>, and said so
+    page.press("#message", "Enter")
+    page.wait_for_function(
+        "document.querySelectorAll('#history .turn').length == 4 && !document.querySelector('#send').disabled"
+    )
+    assert page.is_hidden("#error") and turns.nth(2).text_content() == "☃你好"
+    assert "1 character(s) the model never saw are read as <|unk|>: '☃'" in page.text_content("#warning")
 
 
 def complete_on_page(page, prompt: str) -> tuple[str, int]:
