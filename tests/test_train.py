@@ -1,12 +1,14 @@
 import json
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
 from smallgpt.config import load_config
-from smallgpt.errors import UserError
+from smallgpt.errors import TrainingDiverged, UserError
 from smallgpt.experiments.metrics import events
 from smallgpt.model.gpt import GPT
 from smallgpt.preparation import PrepareArgs, run_prepare
@@ -257,21 +259,36 @@ def test_resume_reads_a_checkpoint_written_before_the_parallel_key(char_data, tm
 
 
 @pytest.mark.parametrize(
-    "name, peak",
+    "name, bf16, fp32",
     [
-        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
-        ("NVIDIA H100 PCIe", 756e12),
-        ("NVIDIA H100 NVL", 835e12),
-        ("NVIDIA A100-SXM4-40GB", 312e12),
-        ("NVIDIA L40S", 362e12),
-        ("NVIDIA L4", 121e12),
-        ("NVIDIA GeForce RTX 3090", None),  # unknown: no MFU rather than a wrong one
+        ("NVIDIA H100 80GB HBM3", 989e12, 495e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12, 378e12),
+        ("NVIDIA H100 NVL", 835e12, 418e12),
+        ("NVIDIA A100-SXM4-40GB", 312e12, 156e12),
+        ("NVIDIA L40S", 362e12, 183e12),
+        ("NVIDIA L40", 181e12, 90.5e12),  # not the L4's, which its name contains
+        ("NVIDIA L4", 121e12, 60e12),
+        ("NVIDIA A10", 125e12, 62.5e12),
+        ("NVIDIA A100 80GB PCIe", 312e12, 156e12),  # not the A10's
+        ("Tesla V100-PCIE-32GB", 112e12, 14e12),
+        ("Tesla T4", 65e12, 8.1e12),
+        ("NVIDIA GeForce RTX 3090", None, None),  # unknown: no MFU rather than a wrong one
     ],
 )
-def test_peak_flops_by_device_name(monkeypatch, name, peak):
+def test_peak_flops_by_whole_device_name_and_dtype(monkeypatch, name, bf16, fp32):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert peak_flops(torch.device("cuda", 0)) == peak
-    assert peak_flops(torch.device("cpu")) is None
+    cuda = torch.device("cuda", 0)
+    assert peak_flops(cuda, torch.bfloat16) == peak_flops(cuda, torch.float16) == bf16
+    assert peak_flops(cuda, torch.float32) == fp32  # TF32 (fp32 without it): about half the bf16 peak
+    assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_auto_dtype_is_float16_where_bfloat16_is_only_emulated(monkeypatch):
+    """V100 and T4: torch.cuda.is_bf16_supported() is True by default, counting emulation."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype("auto", torch.device("cuda", 0)) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100 on
+    assert autocast_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
 
 
 def autocast_in_forward(monkeypatch) -> list[tuple[bool, bool, torch.dtype]]:
@@ -322,3 +339,108 @@ def test_cpu_bfloat16_says_when_the_cpu_has_none(char_data, tmp_path, monkeypatc
 def test_cpu_trains_in_float32_unless_asked():
     assert autocast_dtype("auto", torch.device("cpu")) == torch.float32
     assert autocast_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def nan_at_steps(monkeypatch, steps: set[int]) -> None:
+    """Make the training loss NaN at these training forwards (1 = the first)."""
+    forward, calls = GPT.forward, [0]
+
+    def nan_at(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        if self.training and loss is not None:
+            calls[0] += 1
+            if calls[0] in steps:
+                loss = loss + float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", nan_at)
+
+
+def test_float16_skips_a_nan_step_with_clipping_and_trains_on(char_data, tmp_path, monkeypatch):
+    """A skipped step ends the GradScaler's step too: else the next unscale_ raises (CPU GradScaler)."""
+    nan_at_steps(monkeypatch, {3})
+    args = ["--dtype=float16", "--grad_clip=1.0", "--nan_policy=skip", "--max_iters=6", "--eval_interval=6"]
+    run(char_data, tmp_path / "run", *args, "--log_interval=1")
+    state = checkpoint.load_state(tmp_path / "run" / "ckpt" / "last")
+    assert state["iter_num"] == 6 and state["scaler"]["scale"] < 2.0**16  # backed off at the NaN step
+    assert state["optimizer"]["state"][0]["step"] == 5  # every step but the NaN one
+
+
+def test_float16_resumes_a_run_that_trained_without_a_scaler(char_data, tmp_path):
+    run(char_data, tmp_path / "run", "--max_iters=2", "--eval_interval=2")  # float32: no scaler state
+    run(
+        char_data,
+        tmp_path / "run",
+        "--max_iters=4",
+        "--eval_interval=2",
+        "--init_from=resume",
+        "--dtype=float16",
+    )
+    state = checkpoint.load_state(tmp_path / "run" / "ckpt" / "last")
+    assert state["iter_num"] == 4 and state["scaler"]["scale"] == 2.0**16  # a fresh scaler
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")  # what makes the host wait for a GPU
+
+
+def test_steps_between_log_steps_never_wait_for_the_device(char_data, tmp_path, monkeypatch):
+    """Host syncs asked for by smallgpt's code, per optimizer step: only log steps have any."""
+    per_step: list[int] = []  # syncs from the start of each step to the start of the next
+    train_step = Trainer.train_step
+
+    def counted_step(self):
+        per_step.append(0)
+        return train_step(self)
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def call(self, *args, **kwargs):
+            if per_step and "smallgpt" in sys._getframe(1).f_code.co_filename:
+                per_step[-1] += 1
+            return original(self, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(Trainer, "train_step", counted_step)
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    run(char_data, tmp_path / "run", "--max_iters=12", "--log_interval=4", "--eval_interval=1000")
+    log_steps = {0, 4, 8}
+    assert [n for i, n in enumerate(per_step) if i not in log_steps | {11}] == [0] * 8
+    assert all(per_step[i] > 0 for i in log_steps)  # the divergence check and the logged loss
+
+
+def test_a_nan_step_between_checks_never_reaches_a_checkpoint(char_data, tmp_path, monkeypatch):
+    """The loop reads the divergence guard at log steps and before checkpoints, not every step."""
+    nan_at_steps(monkeypatch, {6})  # iteration 5: the next log step is 8, the next checkpoint 8
+    with pytest.raises(TrainingDiverged, match="training diverged at iteration 5: the loss"):
+        run(char_data, tmp_path / "a", "--max_iters=20", "--log_interval=8", "--eval_interval=4")
+    assert checkpoint.load_state(tmp_path / "a" / "ckpt" / "last")["iter_num"] == 4
+    # Ctrl-C after iteration 7, no log step or checkpoint since the NaN: nothing is saved
+    nan_at_steps(monkeypatch, {6})
+    monkeypatch.setattr(Trainer, "interrupted", lambda self: self.iter_num == 7)
+    with pytest.raises(TrainingDiverged, match="at iteration 5"):
+        run(char_data, tmp_path / "b", "--max_iters=20", "--log_interval=100", "--eval_interval=100")
+    assert not (tmp_path / "b" / "ckpt").exists()
+
+
+def test_compiling_is_not_training_time(char_data, tmp_path, monkeypatch):
+    """The first step of a compiled run compiles: max_seconds and lr_decay_by=seconds leave it out."""
+    trainer_module = sys.modules[Trainer.__module__]
+    monkeypatch.setattr(trainer_module.distributed, "compiled", lambda model: model)  # no inductor here
+    late = [0.0]  # the clock jumps 1000 s within the first step, as if it compiled that long
+    monkeypatch.setattr(
+        trainer_module, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + late[0])
+    )
+    train_step = Trainer.train_step
+
+    def first_step_compiles(self):
+        late[0] = 1000.0
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", first_step_compiles)
+    args = ["--max_iters=3", "--eval_interval=3", "--max_seconds=900", "--lr_decay_by=seconds"]
+    run(char_data, tmp_path / "run", *args, "--compile=true")
+    state = checkpoint.load_state(tmp_path / "run" / "ckpt" / "last")
+    assert state["iter_num"] == 3 and state["train_seconds"] < 100  # not over the 900 s budget at once

@@ -16,6 +16,8 @@ import torch.nn as nn
 from smallgpt.device import resolve_device
 from smallgpt.errors import UserError
 
+COMPILE_BACKEND = "inductor"  # torch.compile's; gpu_check's CPU smoke run uses a faster one
+
 
 @dataclass
 class DistInfo:
@@ -72,7 +74,7 @@ def wrap_model(
 
 
 def compiled(model: nn.Module) -> nn.Module:
-    return cast(nn.Module, torch.compile(model))  # a module that calls the compiled forward
+    return cast(nn.Module, torch.compile(model, backend=COMPILE_BACKEND))  # calls the compiled forward
 
 
 def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -5,8 +5,11 @@ last) -> clip -> finiteness check -> optimizer step -> zero grads -> log. Everyt
 batch comes next (iteration, sampler and RNG states) goes into the checkpoint, so `init_from=resume`
 continues a run exactly as if it had never stopped, also after a kill -9 at any moment.
 
-A step whose loss or gradient norm is NaN or inf never reaches the optimizer (`nan_policy`), and
-Ctrl-C stops between steps, after writing ckpt/last.
+The host waits for the GPU only on log steps and before checkpoints, as nanoGPT (whose loop syncs on
+log steps alone): the divergence guard keeps the first NaN or inf step's iteration on the device and
+reads it there, so a non-finite weight never reaches a checkpoint (`nan_policy=stop`). `skip` must
+know before each step whether to take it, so it reads it every step. Ctrl-C stops between steps,
+after writing ckpt/last.
 """
 
 from __future__ import annotations
@@ -36,18 +39,26 @@ from smallgpt.train.distributed import DistInfo
 from smallgpt.train.logging import MetricsLogger, WandbRun, drop_records_after
 from smallgpt.train.schedule import LRSchedule, lr_at
 
-# dense bf16 peak FLOP/s of GPUs we can name (NVIDIA datasheets); MFU is reported only for these.
-# The first key found in the device's name wins: variants come before the names they contain.
-PEAK_FLOPS = {
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989e12,  # SXM, e.g. "NVIDIA H100 80GB HBM3"
-    "H200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10": 125e12,
+# Dense (no sparsity) peak FLOP/s of GPUs we can name, from NVIDIA's datasheets: (16-bit training:
+# bf16, or fp16 on GPUs without bf16; fp32 training: TF32, which the Trainer turns on, or plain fp32
+# on GPUs without it). MFU is reported only for these. A key matches whole words of the device's
+# name and the longest match wins: "NVIDIA L40" is an L40, not an L4; "H100" alone is the SXM part.
+PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "H100": (989e12, 495e12),  # e.g. "NVIDIA H100 80GB HBM3"
+    "H100 PCIe": (756e12, 378e12),
+    "H100 NVL": (835e12, 418e12),
+    "H200": (989e12, 495e12),
+    "H200 NVL": (835e12, 418e12),
+    "A100": (312e12, 156e12),  # e.g. "NVIDIA A100-SXM4-80GB"
+    "L40S": (362e12, 183e12),
+    "L40": (181e12, 90.5e12),
+    "L4": (121e12, 60e12),
+    "A10": (125e12, 62.5e12),
+    "V100": (125e12, 15.7e12),  # SXM2; fp16 tensor cores, no TF32
+    "V100 PCIe": (112e12, 14e12),
+    "T4": (65e12, 8.1e12),
 }
+NO_BAD_STEP = 2**62  # Trainer.first_bad while every step since the last check was finite
 
 
 class BatchSource(Protocol):
@@ -107,15 +118,27 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # emulated bf16 (V100, T4) counts by default: it would train slowly and without a GradScaler
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native_bf16 else torch.float16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The GPU's dense peak FLOP/s for training in `dtype` (PEAK_FLOPS), None if it is not listed."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    words = torch.cuda.get_device_name(device).lower().replace("-", " ").split()
+
+    def matches(key: str) -> bool:
+        key_words = key.lower().split()
+        return any(words[i : i + len(key_words)] == key_words for i in range(len(words)))
+
+    keys = [key for key in PEAK_FLOPS if matches(key)]
+    if not keys:
+        return None
+    half, fp32 = PEAK_FLOPS[max(keys, key=lambda key: len(key.split()))]
+    return fp32 if dtype == torch.float32 else half
 
 
 class InterruptFlag:
@@ -205,7 +228,10 @@ class Trainer:
         # ranks split the evaluation batches too: each draws world_size batches and keeps its own
         self.eval_iters = math.ceil(t.eval_iters / self.dist.world_size)
         self.wrapped = distributed.wrap_model(self.model, self.optimizer, self.dist, t.parallel, t.compile)
-        self.peak_flops = peak_flops(self.device)
+        self.peak_flops = peak_flops(self.device, self.dtype)
+        # the first non-finite step since the last check; on the device, so that no step waits for it
+        self.first_bad = torch.full((), NO_BAD_STEP, device=self.device)
+        self.stop_agreed = False  # under torchrun: a Ctrl-C that every rank knows of (at a check)
         self.resumed = False
         self.evaluated_at_resume = False  # the checkpoint was written right after an evaluation
         self.interrupt = InterruptFlag()
@@ -226,6 +252,7 @@ class Trainer:
         return gathered
 
     def save(self, name: str, evaluated: bool = True) -> None:
+        self.stop_if_diverged()  # a non-finite step's weights never reach a checkpoint
         rng = self._all_ranks(self._rng_state())  # every rank's RNG, so all of them resume exactly
         main = self.dist.is_main
         weights, optimizer_state = checkpoint.full_training_state(self.model, self.optimizer, main)
@@ -260,7 +287,8 @@ class Trainer:
                 "resume it with as many processes and the same parallel"
             )
         checkpoint.load_training_state(ckpt_dir, self.model, self.optimizer, state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # {} from a run that did not train in float16: the scaler starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         self.iter_num, self.best_metric = state["iter_num"], state["best_metric"]
         self.tokens_seen, self.train_seconds = state["tokens_seen"], state["train_seconds"]
         self.evaluated_at_resume = state.get("evaluated", True)
@@ -320,10 +348,15 @@ class Trainer:
         grad_norm = self.clip_gradients()
         if grad_norm is not None:
             finite &= torch.isfinite(grad_norm)
-        step_ok = self.agree(finite)
+        self.first_bad = torch.minimum(self.first_bad, torch.where(finite, NO_BAD_STEP, self.iter_num))
+        # stop: a non-finite step is found at the next check, before anything is saved; skip must
+        # know now, before the step: one wait for the GPU per step
+        step_ok = self.settings.nan_policy != "skip" or self.check() is None
         if step_ok:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif self.scaler.is_enabled():  # end the scaler's step (clipping unscaled the gradients)
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         self.optimizer.zero_grad(set_to_none=True)
         after_step = getattr(self.optimizer, "after_step", None)  # e.g. SophiaG's Hessian estimate
         if after_step is not None and step_ok:
@@ -332,50 +365,62 @@ class Trainer:
         return total, tokens, step_ok
 
     def clip_gradients(self) -> torch.Tensor | None:
-        """Clip the gradient norm to grad_clip and return it (computed also without clipping: the
-        finiteness check reads it). None under fp16, whose scaler skips inf gradients itself."""
-        fp16 = self.scaler.is_enabled()
-        if fp16 and self.settings.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-        if fp16 and self.settings.grad_clip == 0:
+        """The gradient norm, for the finiteness check, after clipping to grad_clip if it is set.
+        None under fp16, whose scaler skips inf gradients itself."""
+        fp16, max_norm = self.scaler.is_enabled(), self.settings.grad_clip
+        if fp16 and max_norm == 0:
             return None
-        max_norm = self.settings.grad_clip or math.inf  # inf: grads are multiplied by exactly 1
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if fp16:
+            self.scaler.unscale_(self.optimizer)
+        norm = nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if max_norm > 0:  # without clipping, nanoGPT's grad_clip=0, the gradients stay as they are
+            nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, norm)
         if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, replicated; a plain tensor for the check
             norm = norm.full_tensor()
         return None if fp16 else norm
 
-    def agree(self, finite: torch.Tensor) -> bool:
-        """Whether every rank's step is finite; also shares a Ctrl-C seen by any rank, so all ranks
-        stop at the same step. One all_reduce and this step's one wait for the GPU."""
-        flags = torch.stack([~finite, torch.tensor(self.interrupt.pressed, device=self.device)]).float()
+    def check(self) -> int | None:
+        """The first non-finite iteration since the last check (None: all finite), on the host: one
+        wait for the GPU. Under torchrun one all_reduce, which also shares a Ctrl-C seen by any rank,
+        so all ranks stop at the same step."""
+        flags = torch.stack([self.first_bad, torch.tensor(-int(self.interrupt.pressed), device=self.device)])
         if self.dist.ddp:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, pressed = flags.tolist()
-        self.interrupt.pressed = bool(pressed)
-        return not bad
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        first_bad, pressed = flags.tolist()
+        self.first_bad = torch.full_like(self.first_bad, NO_BAD_STEP)
+        self.stop_agreed = pressed < 0
+        return None if first_bad == NO_BAD_STEP else first_bad
 
-    def count_non_finite(self, step_ok: bool, log: Callable[[str], None]) -> None:
-        """nan_policy: stop at a non-finite step, or skip it and stop after nan_max_consecutive in a row."""
+    def stop_if_diverged(self) -> None:
+        """nan_policy=stop: raise if a step since the last check was not finite."""
+        first_bad = self.check()
+        if first_bad is not None:
+            raise self.diverged("the loss or gradient norm is NaN or inf (nan_policy=stop)", first_bad)
+
+    def interrupted(self) -> bool:
+        """Ctrl-C: at once in one process; under torchrun once every rank knows (at the next check)."""
+        return self.stop_agreed if self.dist.ddp else self.interrupt.pressed
+
+    def count_skipped(self, step_ok: bool, log: Callable[[str], None]) -> None:
+        """nan_policy=skip: a non-finite step was skipped; stop after nan_max_consecutive in a row."""
         if step_ok:
             self.nonfinite_streak = 0
             return
         t = self.settings
         self.nonfinite_streak += 1
-        if t.nan_policy == "stop" or self.nonfinite_streak >= t.nan_max_consecutive:
-            in_a_row = f", {self.nonfinite_streak} steps in a row" if t.nan_policy == "skip" else ""
-            reason = f"the loss or gradient norm is NaN or inf (nan_policy={t.nan_policy}{in_a_row})"
-            raise self.diverged(reason)
+        if self.nonfinite_streak >= t.nan_max_consecutive:
+            in_a_row = f"nan_policy=skip, {self.nonfinite_streak} steps in a row"
+            raise self.diverged(f"the loss or gradient norm is NaN or inf ({in_a_row})", self.iter_num)
         log(
             f"iter {self.iter_num}: the loss or gradient norm is NaN or inf; step skipped "
             f"({self.nonfinite_streak} in a row, the run stops at {t.nan_max_consecutive})"
         )
 
-    def diverged(self, reason: str) -> TrainingDiverged:
+    def diverged(self, reason: str, iteration: int) -> TrainingDiverged:
         ckpt = self.run_dir / "ckpt"
         kept = f"{ckpt} keeps the checkpoints from before it" if ckpt.is_dir() else "no checkpoint written"
         return TrainingDiverged(
-            f"training diverged at iteration {self.iter_num}: {reason}; {kept}; "
+            f"training diverged at iteration {iteration}: {reason}; {kept}; "
             "try a lower learning_rate or a grad_clip"
         )
 
@@ -395,6 +440,7 @@ class Trainer:
         self, logger: MetricsLogger | None, log: Callable[[str], None], save: bool = True
     ) -> dict:
         """Evaluate, log, and write ckpt/best on improvement and ckpt/last; returns the metrics."""
+        self.stop_if_diverged()  # a diverged step is named as such, not by the val loss it caused
         metrics = self.evaluate()
         non_finite = [k for k, v in metrics.items() if not math.isfinite(v)]
         improved = metrics.get(self.monitor, math.inf) < self.best_metric
@@ -406,7 +452,7 @@ class Trainer:
         if logger is not None:
             logger.log("eval", iter=self.iter_num, tokens=self.tokens_seen, **metrics)
         if non_finite:  # the weights themselves are broken: keep the checkpoints from before
-            raise self.diverged(f"{non_finite[0]} is {metrics[non_finite[0]]}")
+            raise self.diverged(f"{non_finite[0]} is {metrics[non_finite[0]]}", self.iter_num)
         if save and self.iter_num > 0:  # nothing is learned at step 0; keep any older checkpoint there
             if improved:
                 self.save("best")
@@ -427,6 +473,7 @@ class Trainer:
         bar = progress_bar(main and t.progress, total=t.max_iters, initial=self.iter_num, unit="it")
         log = bar.write if main else (lambda _line: None)
         first, metrics = True, {}
+        compiling = t.compile  # the first step of this process compiles the model
         self.model.train()
         window = Window()  # ms/iter and tokens/s are averages over a log window
         try:
@@ -444,8 +491,14 @@ class Trainer:
                 first = False
                 step_start = time.perf_counter()
                 loss, tokens, step_ok = self.train_step()
-                self.count_non_finite(step_ok, log)
-                self.train_seconds += time.perf_counter() - step_start
+                if t.nan_policy == "skip":
+                    self.count_skipped(step_ok, log)
+                step_seconds = time.perf_counter() - step_start
+                if compiling:  # setup, not training: max_seconds and the lr schedule do not spend it
+                    log(f"iter {self.iter_num}: compiled the model in {step_seconds:.1f} s")
+                    compiling = False
+                else:
+                    self.train_seconds += step_seconds
                 if t.max_seconds > 0:  # every rank must stop at the same iteration
                     self.train_seconds = distributed.rank0_value(self.train_seconds, self.dist)
                 tokens *= self.dist.world_size  # every rank's batches are the same size
@@ -454,11 +507,12 @@ class Trainer:
                 window.iters, window.tokens = window.iters + 1, window.tokens + tokens
                 bar.update(1)
                 if (self.iter_num - 1) % t.log_interval == 0:
+                    self.stop_if_diverged()  # the host waits for the GPU here anyway
                     # the global batch's loss; .item() waits for the GPU, so only when logging
                     loss_value = distributed.mean_over_ranks(loss, self.dist).item()
                     self._log_step(logger, log, loss_value, window)
                     window = Window()
-                if self.interrupt.pressed:
+                if self.interrupted():
                     self.save_and_stop(bar)
         finally:
             self.interrupt.release()
