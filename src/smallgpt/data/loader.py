@@ -88,9 +88,11 @@ class BatchSampler:
         window = torch.from_numpy(self.tokens[index].astype(np.int64))
         x, y = window[:, :-1], window[:, 1:]
         m = torch.from_numpy(self.mask[index[:, 1:]].astype(np.bool_)) if self.mask is not None else None
-        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        if self.device.type == "cuda":
+            # pinned memory lets the copy overlap with compute; x and y are views into the window,
+            # which the copy would first gather into pageable memory, and wait for
             return tuple(
-                t.pin_memory().to(self.device, non_blocking=True) if t is not None else None
+                t.contiguous().pin_memory().to(self.device, non_blocking=True) if t is not None else None
                 for t in (x, y, m)
             )  # type: ignore[return-value]
         return x.to(self.device), y.to(self.device), m.to(self.device) if m is not None else None
