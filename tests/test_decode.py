@@ -109,6 +109,28 @@ def test_batched_greedy_equals_each_request_alone(options, compile, monkeypatch)
     assert not engine.busy and engine.free_slots == 4
 
 
+@pytest.mark.parametrize("options", POSITIONS)
+def test_no_cache_recomputes_all_rows_in_one_forward(options):
+    """nanoGPT's full recompute: rows of any length in one forward (shorter ones padded at their
+    end), each row's logits those it gets alone; a batch decodes each request's tokens."""
+    model = tiny(**options)
+    contexts = [prompt(n, seed) for seed, n in enumerate([3, 17, 1, 40])]  # 40 > BLOCK: its last 32
+    engine = DecodeEngine(model, max_batch=4, use_cache=False)
+    greedy = SamplingSettings(max_new_tokens=12, temperature=0)
+    requests = [engine.add(ids, greedy) for ids in contexts]
+    engine._admit()
+    batches = []  # the batch size of each forward through the first block
+    model.transformer.h[0].register_forward_hook(lambda module, args, out: batches.append(out.size(0)))
+    logits = engine._next_logits(list(enumerate(requests)))
+    assert batches == [4]
+    alone_logits = [model(torch.tensor([ids[-BLOCK:]]))[0][:, -1] for ids in contexts]
+    torch.testing.assert_close(logits, torch.cat(alone_logits))
+    tokens, _ = run_batched(
+        DecodeEngine(model, max_batch=4, use_cache=False), {0: [(c, greedy) for c in contexts]}
+    )
+    assert tokens == [alone(model, ids, greedy, use_cache=False) for ids in contexts]
+
+
 def test_compiled_engines_of_different_models_each_decode_their_own(monkeypatch):
     """Each engine compiles its own step with the model's guards skipped: two models of the same
     shape (and one of another) decoding in turn must not run each other's graphs."""

@@ -253,7 +253,7 @@ class DecodeEngine:
         """Logits (B, vocab) for each row's next token: one forward for the rows that continue
         their slot, one each for rows that (re)fill theirs."""
         if self.cache is None:
-            return torch.cat([self._forward([row], self.block_size) for row in rows])
+            return self._recompute(rows)
         lengths = self.cache.lengths
         continuing = [row for row in rows if 0 < lengths[row[0]] < self.block_size]
         if len(continuing) == len(rows) and self.decode_all is None:
@@ -279,6 +279,17 @@ class DecodeEngine:
         cache = self.cache.select([slot for slot, _ in rows]) if self.cache is not None else None
         logits, _ = self.model(idx, kv_cache=cache)  # (B, 1, vocab)
         return logits[:, -1, :].float()
+
+    def _recompute(self, rows: list[tuple[int, Request]]) -> torch.Tensor:
+        """No cache (nanoGPT's algorithm): the last block_size ids of every row in one forward,
+        logits (B, vocab). Shorter rows are padded at their end, which causal attention hides from
+        their real positions: each row's logits are those of its last real one."""
+        contexts = [request.context[-self.block_size :] for _, request in rows]
+        width = max(map(len, contexts))
+        idx = torch.tensor([ids + [0] * (width - len(ids)) for ids in contexts], device=self.device)  # (B, T)
+        last = torch.tensor([len(ids) - 1 for ids in contexts], device=self.device)
+        hidden = self.model.hidden_states(idx)[torch.arange(len(rows), device=self.device), last]  # (B, C)
+        return self.model.lm_head(hidden).float()
 
     def _decode_all_slots(self, continuing: list[tuple[int, Request]]) -> dict[int, torch.Tensor]:
         """The compiled step: every slot decodes one token; the logits of the continuing rows."""
