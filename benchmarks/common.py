@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from smallgpt.preparation import PrepareArgs, run_prepare
-
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def prepare_once(input_path: Path, out: Path, tokenizer: str = "char") -> Path:
     """Prepare `input_path` into `out` unless a dataset is already there."""
+    from smallgpt.preparation import PrepareArgs, run_prepare  # here: gpu_check imports smallgpt per row
+
     if not (out / "meta.json").is_file():
         run_prepare(PrepareArgs(input=str(input_path), out=str(out), tokenizer=tokenizer))
     return out

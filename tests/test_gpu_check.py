@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py --smoke: the GPU check's every step on the CPU, in a process of its own."""
 
+import importlib
 import importlib.metadata as metadata
 import json
 import os
@@ -7,6 +8,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT_CHECKS = [
@@ -26,7 +29,7 @@ OTHER_ROWS = [
     "124M generation, batch 1, no cache",
     "124M generation, batch 8, KV cache",
     "124M generation, batch 8, no cache",
-    "124M generation, batch 1, KV cache, compiled decode step",
+    "124M generation, batch 1, KV cache, DecodeEngine(compile=True)",
     "seed-000 trained 3 s on TinyStories: val loss",
     "seed-000 sample (best checkpoint, temperature 0.8, top-k 200)",
     "wall time of the whole check",
@@ -86,6 +89,17 @@ def test_smoke_run_has_every_row_and_passes_its_unit_checks(tmp_path):
     assert all(rows[name]["result"] == "pass" for name in UNIT_CHECKS), rows
     assert not [row for row in rows.values() if row["result"] == "FAIL"]
     assert rows["seed-000 parameters, nanoGPT's count"]["value"].startswith("29.94M = 29,938,560")
+    # training compiles (aot_eager here, inductor on a GPU), and the 3 s budget leaves compiling out
+    assert "bf16 + compile (aot_eager)" in rows["seed-000 training tokens/s (part 4's run)"]["value"]
+    assert "compiled the model in" in proc.stderr
+    assert (
+        "s of training (compilation not counted)"
+        in rows["seed-000 trained 3 s on TinyStories: val loss"]["value"]
+    )
+    assert rows["124M generation, batch 1, KV cache, DecodeEngine(compile=True)"]["result"] in (
+        "helps",
+        "no gain",
+    )
 
     table = out.read_text()
     assert table == proc.stdout.strip() + "\n"  # the table alone on stdout; logs went to stderr
@@ -94,3 +108,21 @@ def test_smoke_run_has_every_row_and_passes_its_unit_checks(tmp_path):
 
     imported = {canonical(d) for d in runner["distributions"]} - {"smallgpt"}
     assert imported <= dependency_closure(DEVICE_PACKAGES), imported - dependency_closure(DEVICE_PACKAGES)
+
+
+def test_a_module_that_cannot_be_imported_costs_its_parts_rows_not_the_table(monkeypatch, tmp_path):
+    """smallgpt is imported by each part: a package missing on the GPU machine fails those parts."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "gpu_check", raising=False)
+    monkeypatch.setitem(sys.modules, "smallgpt.generate", None)  # as if one of its imports were missing
+    gpu_check = importlib.import_module("gpu_check")
+    plan = gpu_check.SMOKE_PLAN
+    ctx = gpu_check.Context(
+        plan, torch.device("cpu"), tmp_path / "text.txt", tmp_path, 0.0, gpu_check.Report()
+    )
+    gpu_check.run_part(ctx, 4, "seed-000 training", gpu_check.seed_training)
+    gpu_check.run_part(ctx, 2, "seed-000 parameters", gpu_check.seed_params)
+    results = {row.check: (row.value, row.result) for row in ctx.report.rows}
+    value, result = results["seed-000 training: error"]
+    assert result == "FAIL" and value.startswith("ModuleNotFoundError: import of smallgpt.generate halted")
+    assert results["seed-000 parameters, nanoGPT's count"][1] == "pass"
