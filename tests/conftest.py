@@ -210,3 +210,20 @@ def generation_prompts(monkeypatch) -> list[list[int]]:
 def base_run(tmp_path_factory, char_data) -> Path:
     """A tiny char model trained on tiny shakespeare, the base that fine-tuning tests start from."""
     return train_char_run(tmp_path_factory.mktemp("base") / "base", char_data, 32, 20)
+
+
+@pytest.fixture
+def nan_losses(monkeypatch):
+    """Make the training loss NaN at the given forward calls (counted over training-mode calls)."""
+    forward, calls, bad = GPT.forward, [0], set()
+
+    def nan_at(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        if self.training and loss is not None:
+            calls[0] += 1
+            if calls[0] in bad:
+                loss = loss + float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", nan_at)
+    return bad

@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 
 from smallgpt.cli import main
 from smallgpt.io import folder_lock
-from smallgpt.model.gpt import GPT
 from smallgpt.train import checkpoint
 
 # runs that must be killed are forked from this process: no interpreter start, no torch import
@@ -195,23 +194,6 @@ def test_nan_stop_keeps_the_last_finite_checkpoint_and_exits_3(char_data, tmp_pa
         model = checkpoint.load_model(run / "ckpt" / name)
         assert all(p.isfinite().all() for p in model.parameters())
     assert main(["sample", "--run", str(run), "--checkpoint", "last", "--max-new-tokens", "5"]) == 0
-
-
-@pytest.fixture
-def nan_losses(monkeypatch):
-    """Make the training loss NaN at the given forward calls (counted over training-mode calls)."""
-    forward, calls, bad = GPT.forward, [0], set()
-
-    def nan_at(self, *args, **kwargs):
-        logits, loss = forward(self, *args, **kwargs)
-        if self.training and loss is not None:
-            calls[0] += 1
-            if calls[0] in bad:
-                loss = loss + float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", nan_at)
-    return bad
 
 
 def test_a_nan_loss_stops_the_run_at_its_iteration(char_data, tmp_path, capsys, nan_losses):

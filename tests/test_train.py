@@ -341,24 +341,9 @@ def test_cpu_trains_in_float32_unless_asked():
     assert autocast_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
-def nan_at_steps(monkeypatch, steps: set[int]) -> None:
-    """Make the training loss NaN at these training forwards (1 = the first)."""
-    forward, calls = GPT.forward, [0]
-
-    def nan_at(self, *args, **kwargs):
-        logits, loss = forward(self, *args, **kwargs)
-        if self.training and loss is not None:
-            calls[0] += 1
-            if calls[0] in steps:
-                loss = loss + float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", nan_at)
-
-
-def test_float16_skips_a_nan_step_with_clipping_and_trains_on(char_data, tmp_path, monkeypatch):
+def test_float16_skips_a_nan_step_with_clipping_and_trains_on(char_data, tmp_path, nan_losses):
     """A skipped step ends the GradScaler's step too: else the next unscale_ raises (CPU GradScaler)."""
-    nan_at_steps(monkeypatch, {3})
+    nan_losses.add(3)
     args = ["--dtype=float16", "--grad_clip=1.0", "--nan_policy=skip", "--max_iters=6", "--eval_interval=6"]
     run(char_data, tmp_path / "run", *args, "--log_interval=1")
     state = checkpoint.load_state(tmp_path / "run" / "ckpt" / "last")
@@ -411,18 +396,20 @@ def test_steps_between_log_steps_never_wait_for_the_device(char_data, tmp_path, 
     assert all(per_step[i] > 0 for i in log_steps)  # the divergence check and the logged loss
 
 
-def test_a_nan_step_between_checks_never_reaches_a_checkpoint(char_data, tmp_path, monkeypatch):
+def test_a_nan_step_between_checks_never_reaches_a_checkpoint(char_data, tmp_path, nan_losses):
     """The loop reads the divergence guard at log steps and before checkpoints, not every step."""
-    nan_at_steps(monkeypatch, {6})  # iteration 5: the next log step is 8, the next checkpoint 8
+    nan_losses.add(6)  # iteration 5: the next log step is 8, the next checkpoint 8
     with pytest.raises(TrainingDiverged, match="training diverged at iteration 5: the loss"):
-        run(char_data, tmp_path / "a", "--max_iters=20", "--log_interval=8", "--eval_interval=4")
-    assert checkpoint.load_state(tmp_path / "a" / "ckpt" / "last")["iter_num"] == 4
-    # Ctrl-C after iteration 7, no log step or checkpoint since the NaN: nothing is saved
-    nan_at_steps(monkeypatch, {6})
+        run(char_data, tmp_path / "run", "--max_iters=20", "--log_interval=8", "--eval_interval=4")
+    assert checkpoint.load_state(tmp_path / "run" / "ckpt" / "last")["iter_num"] == 4
+
+
+def test_ctrl_c_after_a_nan_step_saves_nothing(char_data, tmp_path, nan_losses, monkeypatch):
+    nan_losses.add(6)  # iteration 5; Ctrl-C after iteration 6, no log step or checkpoint since
     monkeypatch.setattr(Trainer, "interrupted", lambda self: self.iter_num == 7)
     with pytest.raises(TrainingDiverged, match="at iteration 5"):
-        run(char_data, tmp_path / "b", "--max_iters=20", "--log_interval=100", "--eval_interval=100")
-    assert not (tmp_path / "b" / "ckpt").exists()
+        run(char_data, tmp_path / "run", "--max_iters=20", "--log_interval=100", "--eval_interval=100")
+    assert not (tmp_path / "run" / "ckpt").exists()
 
 
 def test_compiling_is_not_training_time(char_data, tmp_path, monkeypatch):
