@@ -30,7 +30,7 @@ from the source tree; nothing is installed (pip would need the network to build 
         --data .gpu_data/tinystories_valid_prefix_eot.txt --out "$OUT/gpu_check.md"
 
 `--out FILE.md` also writes FILE.json with the figures. `--smoke` runs the same steps on the CPU
-with tiny stand-in models in under a minute (tests/test_gpu_check.py runs it); everything it
+with tiny stand-in models in under two minutes (tests/test_gpu_check.py runs it); everything it
 compiles (the compile check, training, the decode step) uses the aot_eager backend, because
 inductor's C++ code generation takes ~40 s per graph on a 2-core CPU:
 
@@ -118,8 +118,8 @@ SMOKE_PLAN = Plan(
     ),
     gen_tokens=24,
     sample_tokens=20,
-    budget_s=50,
-    decode_compile_reserve_s=5,
+    budget_s=110,  # the 2 minutes, with the wall-time row's 10 s
+    decode_compile_reserve_s=-math.inf,  # always run: the smoke run checks code paths, not time
 )
 
 
@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=STORIES, help="TinyStories text (<|endoftext|>-separated)"
     )
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, under a minute")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, under two minutes")
     parser.add_argument("--out", type=Path, help="also write the table to this .md file and figures to .json")
     parser.add_argument("--work", type=Path, help="keep the data and runs here (default: a temp folder)")
     args = parser.parse_args(argv)
