@@ -10,15 +10,19 @@ learned-position model's context) in:
       written by `smallgpt export --format gguf` in f32, f16 and q8_0;
   smallgpt's DecodeEngine with the KV cache, fp32, bf16 (where the CPU has it) and int8 weights,
       eager and compiled (compile time left out).
-Both use torch's thread count (`--threads` sets it). Rows run in turns, `--repeats` times; the table
-shows medians and the ratio of each row to llama.cpp's fastest.
+Both use torch's thread count (`--threads` sets it). Each row runs in a fresh process of its own
+(llama.cpp's idle server threads in the same process took two thirds of smallgpt's speed, and several
+servers slowed each other), rows in turns, `--repeats` times; the table shows medians and the ratio
+of each row to llama.cpp's fastest.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,57 +79,70 @@ def smallgpt_seconds(engine: DecodeEngine, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-tokens", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="for both engines (default: torch's)")
-    args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
+def build_row(label: str, threads: int) -> object:
+    """The one engine a row times, over the benchmark's model (seeded: every process builds the same)."""
     torch.manual_seed(0)
     chars = "".join(chr(c) for c in range(32, 95))  # 63 characters: 65 ids with <|endoftext|>, <|unk|>
     tokenizer = CharTokenizer(chars)
     config = ModelConfig(block_size=256, vocab_size=tokenizer.vocab_size, n_layer=6, n_head=6, n_embd=384)
     base = GPT(config).eval()
-    threads = torch.get_num_threads()
-    folder = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
-    rows: dict[str, object] = {}
-    for dtype in DTYPES:
-        path = folder / f"model-{dtype}.gguf"
-        write_gguf(path, model_weights(base), config, tokenizer, dtype, "bench")
-        rows[f"llama.cpp {dtype} ({path.stat().st_size / 1e6:.0f} MB)"] = LlamaCpp(path, 256, threads)
-    precisions = {k: p for k, p in PRECISIONS.items() if p[0] != "bfloat16" or cpu_has_bf16()}
-    for compiled in (False, True):
-        for label, precision in precisions.items():
-            model = for_inference(copy.deepcopy(base), *precision)
-            how = "compiled" if compiled else "eager"
-            rows[f"smallgpt {label}, {how}"] = DecodeEngine(model, max_batch=1, compile=compiled)
+    kind, _, precision = label.partition(" ")
+    if kind == "llama.cpp":
+        path = Path(tempfile.mkdtemp(prefix="gguf-bench-")) / f"model-{precision}.gguf"
+        write_gguf(path, model_weights(base), config, tokenizer, precision, "bench")
+        return LlamaCpp(path, config.block_size, threads)
+    name, _, how = precision.rpartition(", ")
+    return DecodeEngine(for_inference(base, *PRECISIONS[name]), max_batch=1, compile=how == "compiled")
 
-    chunks = requests(args.new_tokens, config.block_size)
 
-    def seconds(runner: object, n: int) -> float:
+def row_labels() -> list[str]:
+    labels = [f"llama.cpp {dtype}" for dtype in DTYPES]
+    precisions = [k for k, p in PRECISIONS.items() if p[0] != "bfloat16" or cpu_has_bf16()]
+    return labels + [f"smallgpt {label}, {how}" for how in ("eager", "compiled") for label in precisions]
+
+
+def worker(label: str, new_tokens: int, threads: int) -> None:
+    """One row alone in this process: warm up (allocations, kernels, compiling), then print tokens/s."""
+    torch.set_num_threads(threads)
+    runner = build_row(label, threads)
+    chunks = requests(new_tokens, 256)
+
+    def seconds(n: int) -> float:
         if isinstance(runner, LlamaCpp):
             return runner.decode_seconds(n)
         assert isinstance(runner, DecodeEngine)
         return smallgpt_seconds(runner, n)
 
-    speeds: dict[str, list[float]] = {label: [] for label in rows}
     with torch.inference_mode():
-        for runner in rows.values():  # warm-up: allocations, kernels, compiling
-            seconds(runner, 4)
-        for _ in range(args.repeats):
-            for label, runner in rows.items():
-                speeds[label].append(args.new_tokens / sum(seconds(runner, n) for n in chunks))
+        seconds(4)
+        print(json.dumps({"tokens_per_sec": new_tokens / sum(seconds(n) for n in chunks)}))
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="for both engines (default: torch's)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    threads = args.threads or torch.get_num_threads()
+    if args.worker:
+        return worker(args.worker, args.new_tokens, threads)
+    speeds: dict[str, list[float]] = {label: [] for label in row_labels()}
+    for _ in range(args.repeats):
+        for label in speeds:
+            command = [sys.executable, __file__, "--worker", label, "--new-tokens", str(args.new_tokens)]
+            done = subprocess.run([*command, "--threads", str(threads)], capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{label} failed:\n{done.stderr[-3000:]}")
+            speeds[label].append(json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_sec"])
     medians = {label: statistics.median(s) for label, s in speeds.items()}
     fastest_llama = max(v for k, v in medians.items() if k.startswith("llama.cpp"))
     table = [[label, f"{speed:,.0f}", f"{speed / fastest_llama:.2f}x"] for label, speed in medians.items()]
     print(
-        f"{args.new_tokens} new tokens at batch 1 in requests of {chunks}, {base.num_params() / 1e6:.1f}M "
-        f"parameters (random), block_size 256, {args.repeats} repeats, {threads} threads, on {machine()}, "
-        f"{today()}"
+        f"{args.new_tokens} new tokens at batch 1 in requests of {requests(args.new_tokens, 256)}, 10.7M "
+        f"parameters (random), block_size 256, {args.repeats} repeats, each row in a fresh process, "
+        f"{threads} threads, on {machine()}, {today()}"
     )
     print(markdown_table(["decoding", "tokens/s (median)", "vs llama.cpp's fastest"], table))
 
