@@ -77,6 +77,19 @@ def test_data_with_another_tokenizer_is_refused(base_run, shared_data, tmp_path,
     assert folder_hashes(tmp_path) == before and not (tmp_path / "ft").exists()
 
 
+def test_fine_tuning_a_run_over_itself_is_refused(base_run, char_data, tmp_path, capsys, folder_hashes):
+    import shutil
+
+    own = tmp_path / "own"
+    shutil.copytree(base_run, own)
+    before = folder_hashes(tmp_path)
+    args = finetune_args(char_data, own, own, "--max_iters=1", "--lora_rank=4", "--overwrite")
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: init_from {own} is the run in out_dir: fine-tune it into another out_dir"
+    assert folder_hashes(tmp_path) == before
+
+
 @pytest.mark.parametrize("target", ["data", "empty"])
 def test_init_from_a_folder_that_is_not_a_run_is_refused(char_data, tmp_path, capsys, target):
     folder = char_data if target == "data" else tmp_path / "empty"

@@ -42,6 +42,11 @@ def check_out_dir(config: Config) -> None:
     t = config.train
     if t.init_from != "resume" and not t.eval_only and holds_checkpoint(t.out_dir):
         refuse_to_replace(t.out_dir, "a trained run (continue it with --init_from=resume)", t.overwrite)
+        if Path(t.init_from).resolve().is_relative_to(Path(t.out_dir).resolve()):
+            # overwriting would delete the base the new run's checkpoints refer to
+            raise UserError(
+                f"init_from {t.init_from} is the run in out_dir: fine-tune it into another out_dir"
+            )
 
 
 def clear_run(run_dir: Path, names: tuple[str, ...] = RUN_FILES) -> None:
