@@ -15,10 +15,11 @@ bag-of-n-grams on review sets it never saw? One command, one table:
    sentences) and every review of the three sets outside any val/test split, without labels,
    weighted --review-repeats (3) times. Prints the tokens it saw and its val loss.
 3. Per set: TF-IDF + logistic regression tuned on that set's val split (classify_sentiment.py's grid
-   of 30 settings); the recipe fine-tuned once per seed (--seeds) and, per seed, averaged with a
-   second fine-tune (seed + 1000); McNemar per seed against the tuned TF-IDF; and, on the set whose
-   test split holds the most texts longer than the block, the recipe with its first window only
-   (--max-windows 1), on all test texts and on the long ones.
+   of 30 settings); the recipe fine-tuned once per seed (--seeds), each run also averaged with the
+   next seed's run (the last with the first: three seeds give three pairs); McNemar per seed
+   against the tuned TF-IDF; and, on the set whose test split holds the most texts longer than the
+   block, the recipe with its first window only (--max-windows 1), on all test texts and on the
+   long ones.
 
 The recipe (classify_sentiment.py's defaults, chosen on sentiment_zh's val split): mean pooling, peak
 lr 1e-3, 2 epochs, --lm-loss-weight 0.5, length-grouped batches, padding not masked (the no-mask
@@ -257,19 +258,20 @@ def evaluate_set(
     pretrained: Path,
     seeds: list[int],
 ) -> dict[str, Any]:
-    """The set's row: tuned TF-IDF, single fine-tunes and two-model averages over the seeds, McNemar."""
+    """The set's row: tuned TF-IDF, single fine-tunes, McNemar, and the two-model averages of each
+    seed's run with the next seed's (cyclically: n seeds give n pairs from n fine-tunes)."""
     tfidf = cached_baselines(folder / "baselines.json", splits)[-1]
     truth = [label for label, _ in splits["test"]]
-    single, pair, val, p_values, predictions = [], [], [], [], []
-    for seed in seeds:
-        run = fine_tune(args, folder, pretrained, seed, args.max_windows)
-        other = fine_tune(args, folder, pretrained, seed + 1000, args.max_windows)
+    runs = [fine_tune(args, folder, pretrained, seed, args.max_windows) for seed in seeds]
+    single, val, p_values, predictions = [], [], [], []
+    for run in runs:
         metrics, predicted = ensemble_scores([run], splits["test"])
         single.append(metrics["accuracy"])
         val.append(best_val_accuracy(run))
         p_values.append(mcnemar(truth, predicted, tfidf["predicted"])[2])
         predictions.append(predicted)
-        pair.append(ensemble_scores([run, other], splits["test"])[0]["accuracy"])
+    pairs = zip(runs, runs[1:] + runs[:1])
+    pair = [ensemble_scores(list(two), splits["test"])[0]["accuracy"] for two in pairs]
     counts = {split: len(rows) for split, rows in splits.items()}
     return {
         "set": name, "counts": counts, "tfidf": tfidf, "single": single, "pair": pair, "val": val,
@@ -386,6 +388,8 @@ def main() -> None:
     if args.max_windows < 2:
         parser.error(f"--max-windows must be at least 2 (1 is the comparison row), got {args.max_windows}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if len(set(seeds)) < 2:
+        parser.error(f"--seeds needs at least two seeds (the two-model averages pair them), got {args.seeds}")
     start = time.perf_counter()
     check_settings(args)
     splits, reviews = all_splits(args.data, args)

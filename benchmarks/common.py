@@ -30,7 +30,14 @@ def machine() -> str:
             line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line
         ]
         cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu} ({cpu_bf16_flags()}), {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def cpu_bf16_flags() -> str:
+    """The CPU's native bfloat16 units as torch sees them: what `dtype: bfloat16` runs on."""
+    checks = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    found = [name for name, check in checks.items() if getattr(torch.cpu, check, lambda: False)()]
+    return ", ".join(found) or "no native bf16"
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

@@ -27,6 +27,7 @@ so that the comparison can be rerun. What it reproduces:
   meta.json, where nanoGPT reads meta.pkl and assumes uint16).
 
     python benchmarks/nanogpt_baseline.py --data DATA_DIR [--max_iters 2000] [--out_dir DIR]
+        [--n_layer 6 --n_embd 384 ...: any Settings field, as nanoGPT's --key=value overrides]
 
 Prints its log lines and, last, one JSON line: iterations, tokens, seconds (wall), train_seconds
 (without evaluation and checkpointing), tokens_per_sec and the final val loss.
@@ -235,10 +236,13 @@ def main() -> None:
         "--data", required=True, help="a prepared data folder (train.bin, val.bin, meta.json)"
     )
     parser.add_argument("--out_dir", default=None, help="where ckpt.pt goes (default: a temp folder)")
-    parser.add_argument("--max_iters", type=int, default=Settings.max_iters)
-    parser.add_argument("--lr_decay_iters", type=int, default=None, help="default: max_iters")
+    for name, default in vars(Settings()).items():  # nanoGPT's configurator: any setting by name
+        kind = (lambda v: v.lower() == "true") if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{name}", type=kind, default=default)
+    parser.set_defaults(lr_decay_iters=None)
     args = parser.parse_args()
-    s = Settings(max_iters=args.max_iters, lr_decay_iters=args.lr_decay_iters or args.max_iters)
+    settings = {name: getattr(args, name) for name in vars(Settings())}
+    s = Settings(**{**settings, "lr_decay_iters": args.lr_decay_iters or args.max_iters})
     with tempfile.TemporaryDirectory() as tmp:
         result = train(args.data, args.out_dir or tmp, s)
     print(json.dumps(result))

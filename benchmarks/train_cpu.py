@@ -9,6 +9,13 @@ smallgpt (once per `--dtypes`: float32, and bfloat16, which on a CPU means bf16 
 each, alternating, each in a fresh process, and prints every run and the medians:
 end-to-end seconds (the whole training call, evaluations and checkpoints included), training
 tokens/s (optimizer steps only) and the final val loss, with smallgpt's ratio to nanoGPT.
+
+`--size` sets both sides' shape (the quick start's config otherwise, with its lr and schedule):
+- `quick`: nanoGPT's CPU quick start, 4 x 128, block 64, batch 12, 2000 iterations;
+- `6x384`: nanoGPT's tiny-shakespeare GPU model, 6 x 384, block 256, batch 12, 40 iterations;
+- `124m`: GPT-2 124M, 12 x 768, block 1024, batch 4, on GPT-2 BPE tokens, 3 iterations.
+The larger two measure speed only (their val loss after a few steps means nothing) and evaluate
+only once, on one batch.
 """
 
 from __future__ import annotations
@@ -30,6 +37,20 @@ from smallgpt.train import checkpoint
 from smallgpt.train.run import train
 
 BENCHMARKS = Path(__file__).resolve().parent
+SPEED_ONLY = ["--eval_interval=100000", "--eval_iters=1"]
+SIZES: dict[str, dict] = {
+    "quick": {"shape": [], "max_iters": 2000, "tokenizer": "char"},
+    "6x384": {
+        "shape": ["--n_layer=6", "--n_head=6", "--n_embd=384", "--block_size=256", "--batch_size=12"],
+        "max_iters": 40,
+        "tokenizer": "char",
+    },
+    "124m": {
+        "shape": ["--n_layer=12", "--n_head=12", "--n_embd=768", "--block_size=1024", "--batch_size=4"],
+        "max_iters": 6,
+        "tokenizer": "gpt2",
+    },
+}
 
 
 def run_smallgpt(config_path: str, data: Path, overrides: list[str]) -> dict:
@@ -59,16 +80,24 @@ def run_smallgpt(config_path: str, data: Path, overrides: list[str]) -> dict:
 
 def in_subprocess(which: str, args: argparse.Namespace, data: Path, overrides: list[str]) -> dict:
     """nanoGPT's run, or smallgpt's with `which` = its dtype."""
+    shape = shape_flags(args.size)
     if which == "nanogpt":
         cmd = [sys.executable, str(BENCHMARKS / "nanogpt_baseline.py"), "--data", str(data)]
-        cmd += ["--max_iters", str(args.max_iters)]
+        cmd += ["--max_iters", str(args.max_iters), *shape]
     else:
+        dtype, _, compile_ = which.partition("+")  # bfloat16+compile: torch.compile too
         cmd = [sys.executable, __file__, "--worker", "--config", args.config, "--data", str(data)]
-        cmd += [f"--max_iters={args.max_iters}", f"--dtype={which}", *overrides]
+        cmd += [f"--max_iters={args.max_iters}", f"--dtype={dtype}", *shape, *overrides]
+        cmd += ["--compile=true"] if compile_ else []
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if done.returncode != 0:
         sys.exit(f"{which} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def shape_flags(size: str) -> list[str]:
+    """The `--key=value` flags both nanoGPT (restated) and smallgpt take for a --size."""
+    return SIZES[size]["shape"] + (SPEED_ONLY if size != "quick" else [])
 
 
 def compare(args: argparse.Namespace, data: Path, overrides: list[str]) -> None:
@@ -106,7 +135,8 @@ def compare(args: argparse.Namespace, data: Path, overrides: list[str]) -> None:
         )
     print()
     print(
-        f"{args.config} max_iters={args.max_iters} {' '.join(overrides)}, {args.compare} runs each, "
+        f"{args.config} --size {args.size} max_iters={args.max_iters} {' '.join(overrides)}, "
+        f"{args.compare} runs each, "
         f"alternating, on {machine()}, {today()}; 1-minute load average at each start: "
         + ", ".join(f"{x:.2f}" for x in load)
     )
@@ -132,19 +162,28 @@ def main() -> None:
     parser.add_argument("--input", default=str(SHARED_DATA / "tinyshakespeare" / "input.txt"))
     parser.add_argument("--data", default=None, help="prepared data folder (default: a temp folder)")
     parser.add_argument("--compare", type=int, default=0, metavar="N", help="N runs each beside nanoGPT")
-    parser.add_argument("--max_iters", type=int, default=2000, help="iterations (both, with --compare)")
+    parser.add_argument("--size", choices=SIZES, default="quick", help="both sides' model shape")
     parser.add_argument(
-        "--dtypes", nargs="+", default=["float32", "bfloat16"], help="smallgpt's runs in --compare"
+        "--max_iters", type=int, default=None, help="iterations (both, with --compare; default: the size's)"
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        help="smallgpt's runs in --compare (DTYPE+compile also compiles; compiling is not counted)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
 
+    size = SIZES[args.size]
+    args.max_iters = args.max_iters or size["max_iters"]
     with tempfile.TemporaryDirectory() as tmp:
-        data = prepare_once(Path(args.input), Path(args.data or Path(tmp) / "data"))
+        data = prepare_once(Path(args.input), Path(args.data or Path(tmp) / "data"), size["tokenizer"])
         if args.compare:
             compare(args, data, overrides)
             return
-        r = run_smallgpt(args.config, data, [f"--max_iters={args.max_iters}", *overrides])
+        flags = [f"--max_iters={args.max_iters}", *shape_flags(args.size)]  # a worker's size is quick
+        r = run_smallgpt(args.config, data, [*flags, *overrides])
         if args.worker:
             print(json.dumps(r))
             return

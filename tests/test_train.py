@@ -336,6 +336,22 @@ def test_cpu_bfloat16_says_when_the_cpu_has_none(char_data, tmp_path, monkeypatc
     assert {autocast for _, autocast, _ in seen} == {native}
 
 
+@pytest.mark.parametrize("has_compiler", [False, True])
+def test_compile_without_a_cpp_compiler_trains_eagerly_and_says_so(
+    char_data, tmp_path, monkeypatch, capsys, has_compiler
+):
+    """torch.compile on a CPU builds C++: without a compiler the run trains uncompiled, with a note."""
+    trainer_module = sys.modules[Trainer.__module__]
+    monkeypatch.setattr(trainer_module, "cpu_can_compile", lambda: has_compiler)
+    compiled = []
+    monkeypatch.setattr(trainer_module.distributed, "compiled", lambda model: compiled.append(1) or model)
+    run(char_data, tmp_path / "run", "--max_iters=2", "--eval_interval=2", "--compile=true")
+    said = capsys.readouterr()
+    assert ("no C++ compiler found" in said.err) == (not has_compiler)
+    assert compiled == ([1] if has_compiler else [])
+    assert ("compiled the model in" in said.out + said.err) == has_compiler
+
+
 def test_cpu_trains_in_float32_unless_asked():
     assert autocast_dtype("auto", torch.device("cpu")) == torch.float32
     assert autocast_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16

@@ -3,6 +3,9 @@ and whether a CPU computes in bfloat16 itself."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 
 from smallgpt.errors import UserError
@@ -29,3 +32,9 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX) rather than emulating it."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def cpu_can_compile() -> bool:
+    """Whether torch.compile's CPU backend (inductor, which writes and builds C++) finds a compiler."""
+    names = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    return any(shutil.which(name) for name in names if name)

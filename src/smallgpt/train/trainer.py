@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from smallgpt.data.loader import Batch
-from smallgpt.device import cpu_has_bf16
+from smallgpt.device import cpu_can_compile, cpu_has_bf16
 from smallgpt.errors import TrainingDiverged, UserError
 from smallgpt.model.gpt import ModelConfig
 from smallgpt.progress import progress_bar
@@ -211,6 +211,15 @@ class Trainer:
                     file=sys.stderr,
                 )
             self.dtype = torch.float32
+        self.compile = t.compile
+        if t.compile and self.device.type == "cpu" and not cpu_can_compile():
+            if self.dist.is_main:
+                print(
+                    "note: no C++ compiler found (torch.compile builds C++ on a CPU): compile=true "
+                    "trains without compiling here",
+                    file=sys.stderr,
+                )
+            self.compile = False
         if self.dtype == torch.float32:
             self.autocast = contextlib.nullcontext
         else:
@@ -227,7 +236,7 @@ class Trainer:
         self.accum_steps = t.gradient_accumulation_steps // self.dist.world_size
         # ranks split the evaluation batches too: each draws world_size batches and keeps its own
         self.eval_iters = math.ceil(t.eval_iters / self.dist.world_size)
-        self.wrapped = distributed.wrap_model(self.model, self.optimizer, self.dist, t.parallel, t.compile)
+        self.wrapped = distributed.wrap_model(self.model, self.optimizer, self.dist, t.parallel, self.compile)
         self.peak_flops = peak_flops(self.device, self.dtype)
         # the first non-finite step since the last check; on the device, so that no step waits for it
         self.first_bad = torch.full((), NO_BAD_STEP, device=self.device)
@@ -473,7 +482,7 @@ class Trainer:
         bar = progress_bar(main and t.progress, total=t.max_iters, initial=self.iter_num, unit="it")
         log = bar.write if main else (lambda _line: None)
         first, metrics = True, {}
-        compiling = t.compile  # the first step of this process compiles the model
+        compiling = self.compile  # the first step of this process compiles the model
         self.model.train()
         window = Window()  # ms/iter and tokens/s are averages over a log window
         try:
