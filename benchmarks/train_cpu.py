@@ -13,7 +13,7 @@ tokens/s (optimizer steps only) and the final val loss, with smallgpt's ratio to
 `--size` sets both sides' shape (the quick start's config otherwise, with its lr and schedule):
 - `quick`: nanoGPT's CPU quick start, 4 x 128, block 64, batch 12, 2000 iterations;
 - `6x384`: nanoGPT's tiny-shakespeare GPU model, 6 x 384, block 256, batch 12, 40 iterations;
-- `124m`: GPT-2 124M, 12 x 768, block 1024, batch 4, on GPT-2 BPE tokens, 3 iterations.
+- `124m`: GPT-2 124M, 12 x 768, block 1024, batch 4, on GPT-2 BPE tokens, 6 iterations.
 The larger two measure speed only (their val loss after a few steps means nothing) and evaluate
 only once, on one batch.
 """
