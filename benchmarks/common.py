@@ -34,10 +34,10 @@ def machine() -> str:
 
 
 def cpu_bf16_flags() -> str:
-    """The CPU's native bfloat16 units as torch sees them: what `dtype: bfloat16` runs on."""
-    checks = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
-    found = [name for name, check in checks.items() if getattr(torch.cpu, check, lambda: False)()]
-    return ", ".join(found) or "no native bf16"
+    """The CPU's native bfloat16 units: what `dtype: bfloat16` runs on."""
+    from smallgpt.device import cpu_bf16_units
+
+    return ", ".join(cpu_bf16_units()) or "no native bf16"
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

@@ -28,10 +28,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def cpu_bf16_units() -> list[str]:
+    """The CPU's native bfloat16 units as torch sees them (AVX512-BF16, AMX): none means emulated."""
+    checks = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    return [unit for unit, check in checks.items() if getattr(torch.cpu, check, lambda: False)()]
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX) rather than emulating it."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    """Whether this CPU computes in bfloat16 natively rather than emulating it."""
+    return bool(cpu_bf16_units())
 
 
 def cpu_can_compile() -> bool:
