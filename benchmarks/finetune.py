@@ -20,7 +20,7 @@
 Prints Markdown tables; data and runs are kept in --work, and a second call reuses them.
 
     python benchmarks/finetune.py --part memory    # ~3 min, one thread
-    python benchmarks/finetune.py --part quality --work /tmp/finetune   # ~25 min, one thread
+    python benchmarks/finetune.py --part quality --work /tmp/finetune   # ~50 min, one thread
 """
 
 from __future__ import annotations
@@ -226,8 +226,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", default="/tmp/smallgpt_finetune")
     parser.add_argument("--vocab", type=int, default=4096, help="BPE ids of the general text's tokenizer")
-    parser.add_argument("--pretrain", type=int, default=800, help="optimizer steps of the base")
-    parser.add_argument("--finetune", type=int, default=200, help="optimizer steps on the dialogues")
+    parser.add_argument("--pretrain", type=int, default=6000, help="optimizer steps of the base")
+    parser.add_argument("--finetune", type=int, default=1000, help="optimizer steps on the dialogues")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak lr of the base, (a) and (b)")
     parser.add_argument("--lora-lr", type=float, default=5e-3, help="peak lr of (c)")
     args = parser.parse_args()
