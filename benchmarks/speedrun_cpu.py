@@ -51,6 +51,11 @@ from smallgpt.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NANOGPT_CONFIG = REPO / "configs" / "nanogpt_cpu_quickstart.yaml"
+# the rows every track starts with (None: nanoGPT's own script); --skip leaves one out
+BASELINES: dict[str, tuple[Path, list[str]] | None] = {
+    "nanoGPT itself": None,
+    "nanoGPT config": (NANOGPT_CONFIG, ["--max_iters=100000000", "--lr_decay_by=seconds"]),
+}
 CHINESE_SOURCES = [
     "chinese_novel/xiyouji.txt",
     "luxun/luxun_stories_essays.txt",
@@ -191,12 +196,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def run_track(track: str, args) -> list[list[object]]:
     data = prepare_track(track, args.out)
     recipe = TRACKS[track]
-    baselines: dict[str, tuple[Path, list[str]] | None] = {
-        "nanoGPT itself": None,
-        "nanoGPT config": (NANOGPT_CONFIG, ["--max_iters=100000000", "--lr_decay_by=seconds"]),
-    }
     rows = {
-        **{name: spec for name, spec in baselines.items() if name not in args.skip},
+        **{name: spec for name, spec in BASELINES.items() if name not in args.skip},
         "recipe": (recipe, []),
         **{name: (recipe, overrides) for name, overrides in map(parse_variant, args.variant)},
     }
@@ -276,7 +277,7 @@ def main() -> None:
         "--skip",
         action="append",
         default=[],
-        choices=["nanoGPT itself", "nanoGPT config"],
+        choices=list(BASELINES),
         help="leave out a baseline row (a recipe search compares variants with the recipe)",
     )
     parser.add_argument("--out", type=Path, default=Path("speedrun"), help="data, runs and curves")
